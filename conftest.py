@@ -1,0 +1,78 @@
+"""Shared fixtures: personas (admin, operator, viewer, outsider) and API clients for them."""
+
+from __future__ import annotations
+
+import pytest
+from rest_framework.test import APIClient
+
+from security.roles import ADMIN, OPERATOR, VIEWER, sync_roles
+from security.services import operator_upsert
+
+
+@pytest.fixture
+def roles(db):  # noqa: ANN001, ANN201
+    sync_roles()
+
+
+def _persona(role: str | None, username: str):  # noqa: ANN202
+    from django.contrib.auth import get_user_model
+
+    if role is None:
+        user = get_user_model().objects.create_user(username=username, password="x-unused-x")
+        return user, None
+    user, token, _ = operator_upsert(actor="test", username=username, role=role, password="correct horse battery")
+    return user, token
+
+
+@pytest.fixture
+def admin_user(roles):  # noqa: ANN001, ANN201
+    return _persona(ADMIN, "alice-admin")[0]
+
+
+@pytest.fixture
+def operator_user(roles):  # noqa: ANN001, ANN201
+    return _persona(OPERATOR, "oscar-operator")[0]
+
+
+@pytest.fixture
+def viewer_user(roles):  # noqa: ANN001, ANN201
+    return _persona(VIEWER, "vera-viewer")[0]
+
+
+@pytest.fixture
+def outsider_user(roles):  # noqa: ANN001, ANN201
+    return _persona(None, "otto-outsider")[0]
+
+
+def _client_for(user) -> APIClient:  # noqa: ANN001
+    from rest_framework.authtoken.models import Token
+
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def anon_api() -> APIClient:
+    return APIClient()
+
+
+@pytest.fixture
+def admin_api(admin_user) -> APIClient:  # noqa: ANN001
+    return _client_for(admin_user)
+
+
+@pytest.fixture
+def operator_api(operator_user) -> APIClient:  # noqa: ANN001
+    return _client_for(operator_user)
+
+
+@pytest.fixture
+def viewer_api(viewer_user) -> APIClient:  # noqa: ANN001
+    return _client_for(viewer_user)
+
+
+@pytest.fixture
+def outsider_api(outsider_user) -> APIClient:  # noqa: ANN001
+    return _client_for(outsider_user)

@@ -1,0 +1,3 @@
+"""WebSocket routes: the agent protocol and the operators' dashboard."""
+
+websocket_urlpatterns: list = []

@@ -1,0 +1,37 @@
+"""FilterSets for the inventory API (and the dashboard's device table)."""
+
+import django_filters
+
+from fleet.models import Accelerator, Device, DeviceGroup, DeviceStatus, Site
+from fleet.selector import compile_selector
+
+
+class DeviceFilter(django_filters.FilterSet):
+    status = django_filters.MultipleChoiceFilter(choices=DeviceStatus.choices)
+    site = django_filters.CharFilter(field_name="site__slug", help_text="site slug")
+    tier = django_filters.MultipleChoiceFilter(choices=[(1, "1"), (2, "2"), (3, "3")])
+    accelerator = django_filters.ChoiceFilter(choices=Accelerator.choices)
+    hardware_model = django_filters.CharFilter()
+    online = django_filters.BooleanFilter()
+    group = django_filters.CharFilter(method="filter_group", help_text="group slug")
+    selector = django_filters.CharFilter(
+        method="filter_selector",
+        help_text="label selector, e.g. `site=plant-7,tier in (1,2),!canary,env!=lab`",
+    )
+
+    class Meta:
+        model = Device
+        fields = ["status", "site", "tier", "accelerator", "hardware_model", "online"]
+
+    def filter_group(self, queryset, name, value):
+        members = DeviceGroup.devices.through.objects.filter(devicegroup__slug=value).values("device_id")
+        return queryset.filter(id__in=members)
+
+    def filter_selector(self, queryset, name, value):
+        return queryset.filter(compile_selector(value))
+
+
+class SiteFilter(django_filters.FilterSet):
+    class Meta:
+        model = Site
+        fields = ["region", "slug"]

@@ -1,0 +1,314 @@
+"""Every state change of the inventory. Keyword-only, atomic, audited.
+
+Views, serializers, admin actions, consumers and tasks call these; nothing else calls
+`.save()` on a Device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+from django.db.models import QuerySet
+from django.db.models.expressions import RawSQL
+from django.utils import timezone
+
+from fleet import audit
+from fleet.errors import Conflict, InvalidInput
+from fleet.models import Device, DeviceGroup, DeviceStatus, Site
+from fleet.selector import validate_label_key, validate_label_value
+from fleet.tiers import compute_tier
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("agent", "model", "firmware")
+CAPABILITY_FIELDS = ("cpu_cores", "ram_mb", "accelerator", "storage_mb", "arch", "os")
+
+# Hooks other apps register to react to lifecycle changes after commit (e.g. the agent
+# connection re-sends `welcome` on approval). fleet cannot import them, so they subscribe.
+_status_listeners: list[Callable[[int, str], None]] = []
+
+
+def on_status_change(listener: Callable[[int, str], None]) -> None:
+    _status_listeners.append(listener)
+
+
+def _notify_status(device_id: int, status: str) -> None:
+    for listener in _status_listeners:
+        transaction.on_commit(lambda fn=listener: fn(device_id, status))
+
+
+def clean_labels(labels: Any) -> dict[str, str]:
+    if not isinstance(labels, dict):
+        raise InvalidInput("labels must be an object of key/value strings")
+    cleaned: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidInput(f"label {key!r}: keys and values must be strings")
+        reason = validate_label_key(key) or validate_label_value(value)
+        if reason:
+            raise InvalidInput(reason)
+        cleaned[key] = value
+    return cleaned
+
+
+def clean_versions(versions: Any, *, what: str) -> dict[str, str]:
+    if not isinstance(versions, dict):
+        raise InvalidInput(f"{what} must be an object mapping component to version")
+    for key, value in versions.items():
+        if key not in COMPONENTS:
+            raise InvalidInput(f"{what}: unknown component {key!r}; use one of {', '.join(COMPONENTS)}")
+        if not isinstance(value, str) or not value or len(value) > 64:
+            raise InvalidInput(f"{what}.{key}: a version is a non-empty string of at most 64 characters")
+    return dict(versions)
+
+
+def _locked(device: Device) -> Device:
+    return Device.objects.select_for_update().get(pk=device.pk)
+
+
+@transaction.atomic
+def site_create(*, actor: Any, name: str, slug: str, region: str = "", timezone_name: str = "UTC",
+                latitude: float | None = None, longitude: float | None = None) -> Site:
+    site = Site(name=name, slug=slug, region=region, timezone=timezone_name, latitude=latitude, longitude=longitude)
+    site.full_clean()
+    site.save()
+    audit.record(actor=actor, action="site.create", target=site, data={"slug": slug})
+    return site
+
+
+@transaction.atomic
+def site_update(*, actor: Any, site: Site, **changes: Any) -> Site:
+    allowed = {"name", "slug", "region", "timezone", "latitude", "longitude"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise InvalidInput(f"cannot change {', '.join(sorted(unknown))} of a site")
+    for field, value in changes.items():
+        setattr(site, field, value)
+    site.full_clean()
+    site.save()
+    audit.record(actor=actor, action="site.update", target=site, data={"changed": sorted(changes)})
+    return site
+
+
+@transaction.atomic
+def site_delete(*, actor: Any, site: Site) -> None:
+    audit.record(actor=actor, action="site.delete", target=site, data={"slug": site.slug})
+    site.delete()
+
+
+@transaction.atomic
+def device_register(
+    *,
+    actor: Any,
+    uid: str,
+    name: str = "",
+    serial: str = "",
+    hardware_model: str = "",
+    site: Site | None = None,
+    labels: dict | None = None,
+    capabilities: dict | None = None,
+    status: str = DeviceStatus.PENDING,
+    installed_versions: dict | None = None,
+) -> Device:
+    """Create a device in the inventory (pre-registration, enrollment or seeding)."""
+    if Device.objects.filter(uid=uid).exists():
+        raise Conflict(f"a device with uid {uid!r} already exists", code="duplicate_uid")
+    device = Device(
+        uid=uid, name=name, serial=serial, hardware_model=hardware_model, site=site,
+        labels=clean_labels(labels or {}), status=status,
+        installed_versions=clean_versions(installed_versions or {}, what="installed_versions"),
+    )
+    _apply_capabilities(device, capabilities or {})
+    device.full_clean()
+    device.save()
+    audit.record(actor=actor, action="device.register", target=device, data={"status": status})
+    return device
+
+
+def _apply_capabilities(device: Device, capabilities: dict) -> None:
+    unknown = set(capabilities) - set(CAPABILITY_FIELDS)
+    if unknown:
+        raise InvalidInput(f"unknown capabilities: {', '.join(sorted(unknown))}")
+    for field, value in capabilities.items():
+        setattr(device, field, value)
+    device.tier = compute_tier(accelerator=device.accelerator, ram_mb=device.ram_mb)
+
+
+@transaction.atomic
+def device_update(*, actor: Any, device: Device, **changes: Any) -> Device:
+    """Change descriptive fields: name, serial, hardware_model, site, labels, capabilities."""
+    device = _locked(device)
+    allowed = {"name", "serial", "hardware_model", "site", "labels", *CAPABILITY_FIELDS}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise InvalidInput(f"cannot change {', '.join(sorted(unknown))} this way")
+    if "labels" in changes:
+        changes["labels"] = clean_labels(changes["labels"])
+    capabilities = {k: changes.pop(k) for k in CAPABILITY_FIELDS if k in changes}
+    for field, value in changes.items():
+        setattr(device, field, value)
+    _apply_capabilities(device, capabilities)
+    device.full_clean()
+    device.save()
+    audit.record(actor=actor, action="device.update", target=device,
+                 data={"changed": sorted([*changes, *capabilities])})
+    return device
+
+
+@transaction.atomic
+def device_set_labels(*, actor: Any, devices: QuerySet[Device], set_labels: dict | None = None,
+                      remove: Iterable[str] = ()) -> int:
+    """Add/replace some labels and remove others on many devices: one UPDATE, one audit entry."""
+    set_labels = clean_labels(set_labels or {})
+    remove = [str(k) for k in remove]
+    uids = list(devices.values_list("uid", flat=True)[:100_001])
+    if len(uids) > 100_000:
+        raise InvalidInput("a bulk label change is limited to 100,000 devices")
+    count = Device.objects.filter(uid__in=uids).update(
+        labels=RawSQL("(labels - %s::text[]) || %s::jsonb", [remove, json.dumps(set_labels)]),
+        updated_at=timezone.now(),
+    )
+    audit.record(actor=actor, action="device.labels", target=None,
+                 data={"set": set_labels, "remove": remove, "count": count, "devices": uids[:1000]})
+    return count
+
+
+def _transition(*, actor: Any, device: Device, to: str, allowed_from: Iterable[str], action: str,
+                reason: str = "") -> Device:
+    device = _locked(device)
+    if device.status not in allowed_from:
+        raise Conflict(f"device {device.uid} is {device.status}; cannot {action.split('.')[-1]} it")
+    before = device.status
+    device.status = to
+    device.save(update_fields=["status", "updated_at"])
+    audit.record(actor=actor, action=action, target=device, data={"from": before, "to": to, "reason": reason})
+    _notify_status(device.id, to)
+    return device
+
+
+@transaction.atomic
+def device_approve(*, actor: Any, device: Device, reason: str = "") -> Device:
+    return _transition(actor=actor, device=device, to=DeviceStatus.ACTIVE, allowed_from=[DeviceStatus.PENDING],
+                       action="device.approve", reason=reason)
+
+
+@transaction.atomic
+def device_quarantine(*, actor: Any, device: Device, reason: str) -> Device:
+    if not reason:
+        raise InvalidInput("a reason is required to quarantine a device")
+    return _transition(actor=actor, device=device, to=DeviceStatus.QUARANTINED,
+                       allowed_from=[DeviceStatus.ACTIVE, DeviceStatus.PENDING], action="device.quarantine",
+                       reason=reason)
+
+
+@transaction.atomic
+def device_release(*, actor: Any, device: Device, reason: str = "") -> Device:
+    return _transition(actor=actor, device=device, to=DeviceStatus.ACTIVE, allowed_from=[DeviceStatus.QUARANTINED],
+                       action="device.release", reason=reason)
+
+
+@transaction.atomic
+def device_decommission(*, actor: Any, device: Device, reason: str = "") -> Device:
+    return _transition(actor=actor, device=device, to=DeviceStatus.DECOMMISSIONED,
+                       allowed_from=[DeviceStatus.PENDING, DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED],
+                       action="device.decommission", reason=reason)
+
+
+@transaction.atomic
+def device_pin(*, actor: Any, device: Device, component: str, version: str | None = None) -> Device:
+    """Pin a component to a version (default: the one installed now)."""
+    device = _locked(device)
+    if component not in COMPONENTS:
+        raise InvalidInput(f"unknown component {component!r}; use one of {', '.join(COMPONENTS)}")
+    version = version or device.installed_versions.get(component)
+    if not version:
+        raise InvalidInput(f"{device.uid} reports no installed {component}; give the version to pin")
+    clean_versions({component: version}, what="pinned_versions")
+    device.pinned_versions = {**device.pinned_versions, component: version}
+    device.save(update_fields=["pinned_versions", "updated_at"])
+    audit.record(actor=actor, action="device.pin", target=device, data={"component": component, "version": version})
+    return device
+
+
+@transaction.atomic
+def device_unpin(*, actor: Any, device: Device, component: str) -> Device:
+    device = _locked(device)
+    if component not in device.pinned_versions:
+        raise Conflict(f"{device.uid} has no pinned {component}")
+    device.pinned_versions = {k: v for k, v in device.pinned_versions.items() if k != component}
+    device.save(update_fields=["pinned_versions", "updated_at"])
+    audit.record(actor=actor, action="device.unpin", target=device, data={"component": component})
+    return device
+
+
+@transaction.atomic
+def device_report_state(*, device_id: int, installed: dict, capabilities: dict) -> None:
+    """Apply an agent's `state` frame: installed versions and capabilities (tier recomputed)."""
+    device = Device.objects.select_for_update().get(pk=device_id)
+    device.installed_versions = {**device.installed_versions, **clean_versions(installed, what="installed")}
+    _apply_capabilities(device, {k: v for k, v in capabilities.items() if k in CAPABILITY_FIELDS})
+    device.save()
+
+
+def presence_mark_seen(*, device_ids: Iterable[int], at: datetime | None = None) -> int:
+    """Batch presence update: one UPDATE for many devices (coalesced heartbeats)."""
+    ids = list(device_ids)
+    if not ids:
+        return 0
+    return Device.objects.filter(pk__in=ids).update(online=True, last_seen=at or timezone.now())
+
+
+def presence_mark_offline(*, device_ids: Iterable[int]) -> int:
+    ids = list(device_ids)
+    if not ids:
+        return 0
+    return Device.objects.filter(pk__in=ids, online=True).update(online=False)
+
+
+def presence_sweep(*, older_than_s: float) -> int:
+    """Mark offline every device not seen for `older_than_s` (its process died without closing)."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_s)
+    return Device.objects.filter(online=True, last_seen__lt=cutoff).update(online=False)
+
+
+@transaction.atomic
+def group_create(*, actor: Any, name: str, slug: str, description: str = "") -> DeviceGroup:
+    group = DeviceGroup(name=name, slug=slug, description=description)
+    group.full_clean()
+    group.save()
+    audit.record(actor=actor, action="group.create", target=group)
+    return group
+
+
+@transaction.atomic
+def group_update(*, actor: Any, group: DeviceGroup, **changes: Any) -> DeviceGroup:
+    for field, value in changes.items():
+        if field not in {"name", "slug", "description"}:
+            raise InvalidInput(f"cannot change {field} of a group")
+        setattr(group, field, value)
+    group.full_clean()
+    group.save()
+    audit.record(actor=actor, action="group.update", target=group, data={"changed": sorted(changes)})
+    return group
+
+
+@transaction.atomic
+def group_delete(*, actor: Any, group: DeviceGroup) -> None:
+    audit.record(actor=actor, action="group.delete", target=group, data={"slug": group.slug})
+    group.delete()
+
+
+@transaction.atomic
+def group_set_members(*, actor: Any, group: DeviceGroup, add: Iterable[Device] = (),
+                      remove: Iterable[Device] = ()) -> DeviceGroup:
+    add, remove = list(add), list(remove)
+    group.devices.add(*add)
+    group.devices.remove(*remove)
+    audit.record(actor=actor, action="group.members", target=group,
+                 data={"add": [d.uid for d in add], "remove": [d.uid for d in remove]})
+    return group

@@ -1,0 +1,1 @@
+"""The operators' browser dashboard: server-rendered pages, Plotly charts, live updates."""

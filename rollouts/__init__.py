@@ -1,0 +1,1 @@
+"""OTA: signed artifacts, campaigns in waves with gates, per-device executions, rollback."""

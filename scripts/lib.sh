@@ -1,0 +1,45 @@
+# Shared helpers for the set-up scripts (sourced, not run).
+# Everything the scripts start lives under .run/ (git-ignored); the URLs of the
+# services go into .env, which the Django settings read.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN="$ROOT/.run"
+ENVFILE="$ROOT/.env"
+PY="$ROOT/.venv/bin/python"
+
+say()  { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die()  { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+is_root() { [ "$(id -u)" = 0 ]; }
+
+# free_port: ask the kernel for an unused loopback port.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# env_get KEY: a value from .env (empty when absent).
+env_get() {
+  [ -f "$ENVFILE" ] || return 0
+  sed -n "s/^$1=//p" "$ENVFILE" | tail -n 1
+}
+
+# env_set KEY VALUE: write or replace one line of .env (mode 0600: it holds secrets).
+env_set() {
+  touch "$ENVFILE"; chmod 600 "$ENVFILE"
+  local tmp; tmp="$(mktemp)"
+  grep -v "^$1=" "$ENVFILE" > "$tmp" || true
+  printf '%s=%s\n' "$1" "$2" >> "$tmp"
+  cat "$tmp" > "$ENVFILE"; rm -f "$tmp"
+}
+
+random_secret() { python3 -c 'import secrets; print(secrets.token_urlsafe('"${1:-32}"'))'; }
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# http_ok URL: true when the URL answers 2xx (no curl on a fresh machine).
+http_ok() {
+  python3 -c 'import sys, urllib.request
+try:
+    sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status < 300 else 1)
+except Exception:
+    sys.exit(1)' "$1"
+}

@@ -1,0 +1,1 @@
+"""Time series: ingest, storage (TimescaleDB or partitioned PostgreSQL), rollups, queries, alerts."""
