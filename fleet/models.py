@@ -119,3 +119,20 @@ class DeviceGroup(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class UplinkCursor(models.Model):
+    """The highest durable-uplink `seq` committed for a device (agent protocol v1).
+
+    Kept apart from Device so the ingest path's frequent updates touch a narrow row.
+    Writers advance it with a conditional UPDATE (`WHERE last_acked_seq = <expected>`)
+    in the same transaction as the frame's effects: a frame stored by another connection
+    of the same device in the meantime fails the condition and is stored nothing, which
+    is what makes storage exactly-once across processes.
+    """
+
+    device = models.OneToOneField(Device, primary_key=True, on_delete=models.CASCADE, related_name="uplink")
+    last_acked_seq = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.device_id}@{self.last_acked_seq}"

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from fleet import audit
 from fleet.errors import Conflict, InvalidInput
-from fleet.models import Device, DeviceGroup, DeviceStatus, Site
+from fleet.models import Device, DeviceGroup, DeviceStatus, Site, UplinkCursor
 from fleet.selector import validate_label_key, validate_label_value
 from fleet.tiers import compute_tier
 
@@ -126,6 +126,7 @@ def device_register(
     _apply_capabilities(device, capabilities or {})
     device.full_clean()
     device.save()
+    UplinkCursor.objects.create(device=device)
     audit.record(actor=actor, action="device.register", target=device, data={"status": status})
     return device
 
@@ -312,3 +313,14 @@ def group_set_members(*, actor: Any, group: DeviceGroup, add: Iterable[Device] =
     audit.record(actor=actor, action="group.members", target=group,
                  data={"add": [d.uid for d in add], "remove": [d.uid for d in remove]})
     return group
+
+
+def cursor_advance(*, device_id: int, from_seq: int, to_seq: int) -> bool:
+    """Advance a device's uplink cursor from `from_seq` to `to_seq`, only if it is still at
+    `from_seq`. Call inside the transaction that stores the frames' effects; False means
+    another connection stored them first, so this transaction must store nothing for them."""
+    return UplinkCursor.objects.filter(device_id=device_id, last_acked_seq=from_seq).update(last_acked_seq=to_seq) == 1
+
+
+def cursor_position(*, device_id: int) -> int:
+    return UplinkCursor.objects.filter(device_id=device_id).values_list("last_acked_seq", flat=True).first() or 0
