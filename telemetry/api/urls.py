@@ -1,0 +1,3 @@
+"""Telemetry API routes (series, latest values, fleet aggregates, alerts)."""
+
+urlpatterns: list = []
