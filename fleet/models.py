@@ -78,6 +78,9 @@ class Device(models.Model):
 
     online = models.BooleanField(default=False)
     last_seen = models.DateTimeField(null=True, blank=True)
+    # Identifies the connection that set `online`, so a replaced connection closing late
+    # cannot mark the device offline under its successor.
+    session = models.CharField(max_length=32, blank=True, editable=False)
 
     # {"agent": "1.2.0", "model": "anomaly-1.0.0", "firmware": "2024.1"}
     installed_versions = models.JSONField(default=dict, blank=True)
@@ -136,3 +139,44 @@ class UplinkCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.device_id}@{self.last_acked_seq}"
+
+
+class DeviceCommand(models.Model):
+    """An operator's command to a device (agent protocol `command`), kept until it is answered.
+
+    Queued commands reach a device when it connects; the channel-layer push is only a
+    doorbell for devices online now.
+    """
+
+    class Name(models.TextChoices):
+        REBOOT = "reboot", "Reboot"
+        ATTEST = "attest", "Attest now"
+        SYNC_STATE = "sync_state", "Sync state"
+        SET_CONFIG = "set_config", "Set configuration"
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        SENT = "sent", "Sent"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        EXPIRED = "expired", "Expired"
+
+    id = models.UUIDField(primary_key=True, editable=False)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="commands")
+    name = models.CharField(max_length=16, choices=Name.choices)
+    args = models.JSONField(default=dict, blank=True)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
+    output = models.TextField(blank=True)
+    created_by = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["device", "state"], name="fleet_cmd_device_state")]
+        permissions = [("send_command", "Can send commands to devices")]
+
+    def __str__(self) -> str:
+        return f"{self.name} → {self.device_id} ({self.state})"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -17,9 +18,9 @@ from django.db.models import QuerySet
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
-from fleet import audit
+from fleet import audit, push
 from fleet.errors import Conflict, InvalidInput
-from fleet.models import Device, DeviceGroup, DeviceStatus, Site, UplinkCursor
+from fleet.models import Device, DeviceCommand, DeviceGroup, DeviceStatus, Site, UplinkCursor
 from fleet.selector import validate_label_key, validate_label_value
 from fleet.tiers import compute_tier
 
@@ -27,20 +28,6 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("agent", "model", "firmware")
 CAPABILITY_FIELDS = ("cpu_cores", "ram_mb", "accelerator", "storage_mb", "arch", "os")
-
-# Hooks other apps register to react to lifecycle changes after commit (e.g. the agent
-# connection re-sends `welcome` on approval). fleet cannot import them, so they subscribe.
-_status_listeners: list[Callable[[int, str], None]] = []
-
-
-def on_status_change(listener: Callable[[int, str], None]) -> None:
-    _status_listeners.append(listener)
-
-
-def _notify_status(device_id: int, status: str) -> None:
-    for listener in _status_listeners:
-        transaction.on_commit(lambda fn=listener: fn(device_id, status))
-
 
 def clean_labels(labels: Any) -> dict[str, str]:
     if not isinstance(labels, dict):
@@ -188,7 +175,7 @@ def _transition(*, actor: Any, device: Device, to: str, allowed_from: Iterable[s
     device.status = to
     device.save(update_fields=["status", "updated_at"])
     audit.record(actor=actor, action=action, target=device, data={"from": before, "to": to, "reason": reason})
-    _notify_status(device.id, to)
+    transaction.on_commit(lambda: push.status_changed(device.id, to))
     return device
 
 
@@ -324,3 +311,63 @@ def cursor_advance(*, device_id: int, from_seq: int, to_seq: int) -> bool:
 
 def cursor_position(*, device_id: int) -> int:
     return UplinkCursor.objects.filter(device_id=device_id).values_list("last_acked_seq", flat=True).first() or 0
+
+
+COMMAND_TTL = timezone.timedelta(hours=24)
+
+
+@transaction.atomic
+def command_issue(*, actor: Any, device: Device, name: str, args: dict | None = None) -> DeviceCommand:
+    """Queue a command for a device; it is delivered now if online, else when it connects."""
+    if name not in DeviceCommand.Name.values:
+        raise InvalidInput(f"unknown command {name!r}; use one of {', '.join(DeviceCommand.Name.values)}")
+    if device.status == DeviceStatus.DECOMMISSIONED:
+        raise Conflict(f"{device.uid} is decommissioned")
+    if device.status == DeviceStatus.QUARANTINED and name != DeviceCommand.Name.ATTEST:
+        raise Conflict(f"{device.uid} is quarantined: only attestation may be requested")
+    command = DeviceCommand.objects.create(
+        id=uuid.uuid4(), device=device, name=name, args=args or {}, created_by=str(actor)[:200],
+        expires_at=timezone.now() + COMMAND_TTL,
+    )
+    audit.record(actor=actor, action="device.command", target=device, data={"command": name, "args": args or {}})
+    transaction.on_commit(lambda: push.commands_waiting(device.id))
+    return command
+
+
+def commands_claim_for_delivery(*, device_id: int, allow: Iterable[str] | None = None) -> list[DeviceCommand]:
+    """Queued, unexpired commands for a connected device, marked sent in one UPDATE."""
+    now = timezone.now()
+    DeviceCommand.objects.filter(device_id=device_id, state=DeviceCommand.State.QUEUED, expires_at__lte=now).update(
+        state=DeviceCommand.State.EXPIRED, completed_at=now
+    )
+    queued = DeviceCommand.objects.filter(device_id=device_id, state=DeviceCommand.State.QUEUED)
+    if allow is not None:
+        queued = queued.filter(name__in=list(allow))
+    commands = list(queued.order_by("created_at")[:100])
+    DeviceCommand.objects.filter(id__in=[c.id for c in commands], state=DeviceCommand.State.QUEUED).update(
+        state=DeviceCommand.State.SENT, sent_at=now
+    )
+    return commands
+
+
+def command_complete(*, device_id: int, command_id: str, ok: bool, output: str) -> bool:
+    """Record a device's `command.result` (call inside the frame's transaction)."""
+    try:
+        uuid.UUID(str(command_id))
+    except ValueError:
+        return False
+    return DeviceCommand.objects.filter(
+        id=command_id, device_id=device_id, state__in=[DeviceCommand.State.SENT, DeviceCommand.State.QUEUED]
+    ).update(
+        state=DeviceCommand.State.SUCCEEDED if ok else DeviceCommand.State.FAILED, output=output[:10000],
+        completed_at=timezone.now(),
+    ) == 1
+
+
+def presence_connected(*, device_id: int, session: str) -> None:
+    Device.objects.filter(pk=device_id).update(online=True, last_seen=timezone.now(), session=session)
+
+
+def presence_disconnected(*, device_id: int, session: str) -> None:
+    """Mark offline only if no newer connection of the device took over meanwhile."""
+    Device.objects.filter(pk=device_id, session=session).update(online=False, session="", last_seen=timezone.now())

@@ -49,7 +49,7 @@ start() {
 
 echo "$PORT" > "$RUN/web.port"
 start web .venv/bin/uvicorn console.asgi:application --host "$HOST" --port "$PORT" \
-  --ws websockets-sansio --ws-per-message-deflate false --lifespan off --no-access-log
+  --ws websockets-sansio --ws-per-message-deflate false --ws-max-size 1048576 --lifespan off --no-access-log
 start worker .venv/bin/celery -A console worker --loglevel INFO --concurrency 2
 start beat .venv/bin/celery -A console beat --loglevel INFO --schedule "$RUN/celerybeat-schedule"
 

@@ -180,6 +180,15 @@ FLEET_TIER2_MIN_RAM_MB = env_int("FLEET_TIER2_MIN_RAM_MB", 4 * 1024, minimum=1)
 # A device not heard from for this long is marked offline by the presence sweep.
 FLEET_OFFLINE_AFTER_S = env_float("FLEET_OFFLINE_AFTER_S", 90, minimum=1)
 
+# Agent protocol v1 limits (docs/protocol.md). Each refusal uses the contract's code.
+AGENT_MAX_FRAME_BYTES = env_int("AGENT_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)
+AGENT_MAX_POINTS = env_int("AGENT_MAX_POINTS", 1000, minimum=1)
+AGENT_HANDSHAKE_TIMEOUT_S = env_float("AGENT_HANDSHAKE_TIMEOUT_S", 10, minimum=0.1)
+AGENT_HEARTBEAT_S = env_int("AGENT_HEARTBEAT_S", 30, minimum=1)
+AGENT_RATE_PER_S = env_float("AGENT_RATE_PER_S", 50, minimum=0.1)  # sustained messages per second per device
+AGENT_RATE_BURST = env_int("AGENT_RATE_BURST", 200, minimum=1)
+AGENT_PRESENCE_FLUSH_S = env_float("AGENT_PRESENCE_FLUSH_S", 5, minimum=0.05)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

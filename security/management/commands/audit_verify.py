@@ -8,7 +8,7 @@ from security.audit import verify_chain
 class Command(BaseCommand):
     help = "Verify the hash chain of the audit log."
 
-    def handle(self, *args, **opts):  # noqa: ARG002
+    def handle(self, *args, **opts):
         checked, broken = verify_chain()
         if broken:
             raise CommandError(f"audit chain broken at entry #{broken.entry_id}: {broken.reason} "

@@ -1,0 +1,490 @@
+"""The agent connection (`/ws/agent/v1/`): agent protocol v1, server side.
+
+A thin router. It runs the handshake, keeps per-connection order, and hands each frame
+to the app that owns it: identity to security.services, telemetry to the telemetry
+flusher, state and command results to fleet.services, events to telemetry.services,
+rollout progress to rollouts.services. The contract is docs/protocol.md.
+
+Durable uplink and exactly-once storage
+  Frames are accepted only in `seq` order. Telemetry is pipelined into the per-process
+  flusher (one COPY + cursor update per transaction for many devices); other durable
+  frames run in their own transaction. Either way the device's uplink cursor advances
+  in the same transaction as the frame's effects, conditionally on its old value, and the
+  `ack` is sent only after that commit, in `seq` order, by one task per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.utils import await_many_dispatch
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from agent_stub import protocol as p
+from console.presence import presence
+from fleet import push
+from fleet import services as fleet_services
+from fleet.errors import DomainError
+from fleet.models import DeviceCommand, DeviceStatus
+from security import services as security_services
+
+log = logging.getLogger(__name__)
+
+# Frames a quarantined device may still receive (contract: attestation only).
+QUARANTINE_ALLOWED = {"attest.challenge", "attest.result", "error", "ack", "welcome"}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Pending:
+    """One durable frame between acceptance and its ack."""
+
+    seq: int
+    run: Callable[[], Awaitable[Any]] | None = None  # deferred: started when the acker reaches it
+    future: asyncio.Future | None = None  # eager: already submitted to the flusher
+    rejected: list[dict] = field(default_factory=list)  # refused by validation
+    accepted: int = 0
+
+
+class Closing(Exception):
+    """Stop handling this connection: close with `code` after sending `frame` (if any)."""
+
+    def __init__(self, code: int, frame: dict | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.frame = frame
+
+
+class AgentConsumer(AsyncWebsocketConsumer):
+    # --- plumbing -----------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        # Same as Channels' AsyncConsumer.__call__ but the channel layer is optional at run
+        # time: if Redis is down the connection keeps working without doorbells.
+        self.scope = scope
+        from channels.layers import get_channel_layer
+
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel() if self.channel_layer else None
+        self.base_send = send
+        sources = [receive]
+        if self.channel_layer is not None:
+            sources.append(self._layer_receive)
+        with contextlib.suppress(StopConsumer):
+            await await_many_dispatch(sources, self.dispatch)
+
+    async def _layer_receive(self) -> dict:
+        while True:
+            try:
+                return await self.channel_layer.receive(self.channel_name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("channel layer receive failed; retrying in 2 s", exc_info=log.isEnabledFor(logging.DEBUG))
+                await asyncio.sleep(2)
+
+    async def dispatch(self, message: dict) -> None:
+        # Channels 4.3 hops to a thread before every message (aclose_old_connections);
+        # this consumer touches the database only through database_sync_to_async (which
+        # manages connections itself) and the flusher, so it skips that hop.
+        handler = getattr(self, message["type"].replace(".", "_"), None)
+        if handler is None:
+            raise ValueError(f"no handler for {message['type']}")
+        await handler(message)
+
+    async def send_frame(self, frame: dict) -> None:
+        await self.send(text_data=p.dumps(frame))
+
+    async def close_with(self, code: int, frame: dict | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if frame is not None:
+            with contextlib.suppress(Exception):  # the socket may already be gone
+                await self.send_frame(frame)
+        await self.close(code)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self.closed = False
+        self.session: security_services.DeviceSession | None = None
+        self.status = ""
+        self.conn_id = uuid.uuid4().hex
+        self.nonce = os.urandom(32)
+        self.committed = 0
+        self.submitted = 0
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self.deferred_pending = 0
+        self.acker: asyncio.Task | None = None
+        self.tokens = float(settings.AGENT_RATE_BURST)
+        self.tokens_at = time.monotonic()
+        self.frames_in = 0
+        await self.accept()
+        await self.send_frame(p.hello(nonce=self.nonce, server_time=now_ms()))
+        self.handshake_timer = asyncio.get_running_loop().create_task(self._handshake_deadline())
+
+    async def _handshake_deadline(self) -> None:
+        await asyncio.sleep(settings.AGENT_HANDSHAKE_TIMEOUT_S)
+        if self.session is None:
+            await self.close_with(p.Close.HANDSHAKE_TIMEOUT, p.error(code="handshake_timeout",
+                                                                      message="handshake not finished in time"))
+
+    async def disconnect(self, code: int) -> None:
+        self.closed = True
+        self.handshake_timer.cancel()
+        if self.acker:
+            self.acker.cancel()
+        if self.session is not None:
+            try:
+                await database_sync_to_async(fleet_services.presence_disconnected)(
+                    device_id=self.session.device_id, session=self.conn_id
+                )
+            except Exception:
+                log.warning("could not mark %s offline", self.session.uid, exc_info=True)
+            await self._layer_call("group_discard", push.device_group(self.session.device_id), self.channel_name)
+
+    async def _layer_call(self, method: str, *args: Any) -> None:
+        if self.channel_layer is None:
+            return
+        try:
+            await getattr(self.channel_layer, method)(*args)
+        except Exception:
+            log.warning("channel layer %s failed", method, exc_info=log.isEnabledFor(logging.DEBUG))
+
+    # --- inbound frames -----------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.closed:
+            return
+        data = text_data if text_data is not None else bytes_data
+        limit = settings.AGENT_MAX_FRAME_BYTES
+        size = len(data) if bytes_data is not None or len(data) * 4 <= limit else len(data.encode())
+        if size > limit:
+            await self.close_with(p.Close.TOO_LARGE, p.error(code="frame_too_large",
+                                                           message=f"frame of {size} bytes exceeds {limit}"))
+            return
+        if not self._take_token():
+            retry = int(1000 / settings.AGENT_RATE_PER_S) + 1
+            await self.close_with(p.Close.RATE_LIMITED, p.error(code="rate_limited", message="too many messages",
+                                                              retry_after_ms=retry))
+            return
+        try:
+            frame = p.parse_frame(data)
+        except p.ProtocolError as exc:
+            if self.session is None:
+                await self.close_with(p.Close.PROTOCOL_ERROR, p.error(code=exc.code, message=exc.message))
+            else:
+                await self.send_frame(p.error(code=exc.code, message=exc.message))
+            return
+        try:
+            if self.session is None:
+                await self._handshake(frame)
+            else:
+                if self.session is not None:
+                    presence().seen(self.session.device_id)
+                await self._route(frame)
+        except Closing as exc:
+            await self.close_with(exc.code, exc.frame)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(settings.AGENT_RATE_BURST, self.tokens + (now - self.tokens_at) * settings.AGENT_RATE_PER_S)
+        self.tokens_at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    async def _handshake(self, frame: dict) -> None:
+        kind = frame["type"]
+        try:
+            if kind == "auth":
+                auth = p.validate_auth(frame)
+                session = await database_sync_to_async(security_services.device_authenticate)(
+                    uid=auth.device_uid, nonce=self.nonce, signature=auth.sig
+                )
+            elif kind == "enroll":
+                enroll = p.validate_enroll(frame)
+                session = await database_sync_to_async(security_services.device_enroll)(
+                    secret=enroll.enrollment_token, uid=enroll.device_uid, public_key=enroll.public_key,
+                    nonce=self.nonce, signature=enroll.sig, hardware=enroll.hardware or {},
+                )
+            else:
+                raise Closing(p.Close.PROTOCOL_ERROR, p.error(code="bad_frame",
+                                                               message=f"expected auth or enroll, got {kind!r}"))
+        except p.ProtocolError as exc:
+            raise Closing(p.Close.PROTOCOL_ERROR, p.error(code=exc.code, message=exc.message)) from None
+        except security_services.AuthFailed as exc:
+            raise Closing(exc.close_code, p.error(code="auth_failed" if exc.close_code == 4401 else "revoked",
+                                                  message=exc.message)) from None
+        # Single use: a second handshake on this connection cannot reuse the nonce.
+        self.nonce = b""
+        self.handshake_timer.cancel()
+        self.session = session
+        self.status = session.status
+        self.committed = self.submitted = session.last_acked_seq
+        group = push.device_group(session.device_id)
+        # Tell an older connection of this device (in any process) to step aside, then join.
+        await self._layer_call("group_send", group, {"type": "device.replace", "channel": self.channel_name})
+        await self._layer_call("group_add", group, self.channel_name)
+        await database_sync_to_async(fleet_services.presence_connected)(device_id=session.device_id,
+                                                                        session=self.conn_id)
+        self.acker = asyncio.get_running_loop().create_task(self._ack_loop())
+        await self._send_welcome()
+        await self._deliver_commands()
+
+    async def _send_welcome(self) -> None:
+        await self.send_frame(p.welcome(
+            device_uid=self.session.uid, status=self.status, last_acked_seq=self.committed,
+            heartbeat_s=settings.AGENT_HEARTBEAT_S, max_points=settings.AGENT_MAX_POINTS, artifact_keys=[],
+        ))
+
+    async def _route(self, frame: dict) -> None:
+        kind = frame["type"]
+        if kind in p.DURABLE_TYPES:
+            await self._durable(kind, frame)
+        elif kind == "heartbeat":
+            try:
+                p.validate_heartbeat(frame)
+            except p.ProtocolError as exc:
+                await self.send_frame(p.error(code=exc.code, message=exc.message))
+        elif kind in ("auth", "enroll"):
+            raise Closing(p.Close.PROTOCOL_ERROR, p.error(code="bad_frame", message="already authenticated"))
+        elif kind in ("attest.evidence", "tpm.activate"):
+            await self.send_frame(p.error(code="bad_frame", message="no attestation challenge is open"))
+        else:
+            await self.send_frame(p.error(code="unknown_type", message=f"unknown frame type {kind!r}"))
+
+    # --- durable uplink -----------------------------------------------------------------
+
+    async def _durable(self, kind: str, frame: dict) -> None:
+        if self.status == DeviceStatus.PENDING:
+            await self.send_frame(p.error(code="not_allowed", message="device is pending approval; only heartbeats"))
+            return
+        seq = frame.get("seq")
+        if type(seq) is not int or seq < 1:
+            await self.send_frame(p.error(code="bad_frame", message="seq must be a positive integer"))
+            return
+        if seq <= self.committed:
+            await self.send_frame(p.ack(seq=seq, accepted=0, rejected=[]))  # stored before: ack again, store nothing
+            return
+        if seq <= self.submitted:
+            return  # in flight; its ack follows its commit
+        if seq != self.submitted + 1:
+            await self.send_frame(p.error(code="seq_gap", message=f"expected seq {self.submitted + 1}",
+                                          expected=self.submitted + 1))
+            return
+        try:
+            if kind == "telemetry":
+                checked = p.validate_telemetry(
+                    frame, now_ms=now_ms(), retention_ms=self._retention_ms(), max_points=settings.AGENT_MAX_POINTS
+                )
+                points = checked.points
+                item = Pending(seq=seq, rejected=list(checked.rejected), accepted=len(points))
+                if self.deferred_pending == 0:
+                    item.future = await self._submit(seq, points)
+                else:
+                    item.run = lambda: self._submit_and_wait(seq, points)
+            else:
+                payload = p.validate_uplink(frame)[2]
+                item = Pending(seq=seq, accepted=1)
+                item.run = lambda: database_sync_to_async(apply_durable)(self.session.device_id, seq, kind, payload)
+        except p.ProtocolError as exc:
+            await self.send_frame(p.error(code=exc.code, message=exc.message, seq=seq))
+            return
+        self.submitted = seq
+        if item.run is not None:
+            self.deferred_pending += 1
+        self.queue.put_nowait(item)
+
+    def _retention_ms(self) -> int:
+        return int(getattr(settings, "TELEMETRY_RAW_RETENTION_DAYS", 30) * 86_400_000)
+
+    async def _submit(self, seq: int, points: list) -> asyncio.Future:
+        from telemetry.ingest import Overloaded, get_flusher
+
+        flusher = get_flusher()
+        try:
+            return asyncio.ensure_future(flusher.submit(device_id=self.session.device_id, seq=seq, points=points))
+        except Overloaded as exc:
+            raise Closing(p.Close.OVERLOADED, p.error(code="rate_limited", message="ingest queue full",
+                                                      retry_after_ms=exc.retry_after_ms)) from None
+
+    async def _submit_and_wait(self, seq: int, points: list) -> Any:
+        return await (await self._submit(seq, points))
+
+    async def _ack_loop(self) -> None:
+        from telemetry.ingest import Overloaded
+
+        while True:
+            item = await self.queue.get()
+            try:
+                result = await (item.future if item.future is not None else item.run())
+            except Closing as exc:
+                await self.close_with(exc.code, exc.frame)
+                return
+            except Overloaded as exc:
+                await self.close_with(p.Close.OVERLOADED, p.error(code="rate_limited", message="ingest queue full",
+                                                                  retry_after_ms=exc.retry_after_ms))
+                return
+            except Exception:
+                log.warning("durable frame %s of %s failed; closing so the agent resends", item.seq, self.session.uid,
+                            exc_info=True)
+                await self.close_with(p.Close.OVERLOADED, p.error(code="unavailable",
+                                                                  message="storage unavailable; retry later",
+                                                                  retry_after_ms=5000))
+                return
+            finally:
+                if item.run is not None:
+                    self.deferred_pending -= 1
+            status = getattr(result, "status", result if isinstance(result, str) else "stored")
+            if status == "conflict":
+                await self.close_with(p.Close.REPLACED, p.error(code="replaced",
+                                                                message="another connection stored these frames"))
+                return
+            rejected = list(item.rejected)
+            accepted = item.accepted
+            if status == "duplicate":
+                accepted = 0
+            else:
+                extra = getattr(result, "rejected", None) or []
+                if extra:
+                    rejected += frame_indices(item, extra)
+                    rejected.sort(key=lambda r: r["index"])
+                accepted -= len(extra)
+            self.committed = item.seq
+            if not self.closed:
+                await self.send_frame(p.ack(seq=item.seq, accepted=accepted, rejected=rejected))
+
+    # --- messages from other processes (channel layer) -----------------------------------
+
+    async def device_replace(self, event: dict) -> None:
+        if event.get("channel") != self.channel_name:
+            await self.close_with(p.Close.REPLACED, p.error(code="replaced", message="a newer connection took over"))
+
+    async def device_revoked(self, event: dict) -> None:
+        await self.close_with(p.Close.REVOKED, p.error(code="revoked", message=event.get("reason", "revoked")))
+
+    async def device_status(self, event: dict) -> None:
+        status = await database_sync_to_async(current_status)(self.session.device_id)
+        if status == DeviceStatus.DECOMMISSIONED:
+            await self.close_with(p.Close.REVOKED, p.error(code="revoked", message="device decommissioned"))
+            return
+        if status != self.status:
+            self.status = status
+            await self._send_welcome()
+            await self._deliver_commands()
+
+    async def device_commands(self, event: dict) -> None:
+        await self._deliver_commands()
+
+    async def device_frame(self, event: dict) -> None:
+        frame = event["frame"]
+        if self.status == DeviceStatus.QUARANTINED and frame.get("type") not in QUARANTINE_ALLOWED:
+            return
+        if self.status == DeviceStatus.PENDING:
+            return
+        await self.send_frame(frame)
+
+    async def _deliver_commands(self) -> None:
+        if self.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
+            return
+        allow = [DeviceCommand.Name.ATTEST] if self.status == DeviceStatus.QUARANTINED else None
+        commands = await database_sync_to_async(fleet_services.commands_claim_for_delivery)(
+            device_id=self.session.device_id, allow=allow
+        )
+        for command in commands:
+            await self.send_frame(p.command(command_id=str(command.id), name=command.name, args=command.args))
+
+
+def frame_indices(item: Pending, extra: list[tuple[int, str]]) -> list[dict]:
+    """Map positions in the accepted-points list back to indices in the agent's frame."""
+    refused = {r["index"] for r in item.rejected}
+    original = [i for i in range(item.accepted + len(refused)) if i not in refused]
+    return [{"index": original[position], "reason": reason} for position, reason in extra]
+
+
+def current_status(device_id: int) -> str:
+    from fleet.models import Device
+
+    return Device.objects.filter(pk=device_id).values_list("status", flat=True).first() or DeviceStatus.DECOMMISSIONED
+
+
+def _apply_state(device_id: int, payload: Any) -> None:
+    installed = {k: v for k, v in payload.installed.items() if v}
+    fleet_services.device_report_state(device_id=device_id, installed=installed,
+                                       capabilities=dataclasses.asdict(payload.capabilities))
+
+
+def _apply_event(device_id: int, payload: Any) -> None:
+    from telemetry.services import events_store
+
+    events_store(device_id=device_id, events=[dataclasses.asdict(e) for e in payload.events])
+
+
+def _apply_command_result(device_id: int, payload: Any) -> None:
+    fleet_services.command_complete(device_id=device_id, command_id=payload.command_id, ok=payload.ok,
+                                    output=payload.output or "")
+
+
+def _apply_rollout_status(device_id: int, payload: Any) -> None:
+    try:
+        from rollouts.services import execution_report
+    except ImportError:
+        log.info("rollout.status from device %s ignored: rollouts not installed", device_id)
+        return
+    execution_report(device_id=device_id, report=payload)
+
+
+APPLY = {
+    "state": _apply_state,
+    "event": _apply_event,
+    "command.result": _apply_command_result,
+    "rollout.status": _apply_rollout_status,
+}
+
+
+def apply_durable(device_id: int, seq: int, kind: str, payload: Any) -> str | tuple:
+    """Apply one non-telemetry durable frame and advance the cursor in one transaction."""
+    try:
+        with transaction.atomic():
+            if not fleet_services.cursor_advance(device_id=device_id, from_seq=seq - 1, to_seq=seq):
+                position = fleet_services.cursor_position(device_id=device_id)
+                return "duplicate" if seq <= position else "conflict"
+            APPLY[kind](device_id, payload)
+        return "stored"
+    except (DomainError, ValidationError) as exc:
+        # The frame is well-formed but its content is refused: record the refusal, advance
+        # the cursor (the agent must not resend it forever) and report it in the ack.
+        with transaction.atomic():
+            if not fleet_services.cursor_advance(device_id=device_id, from_seq=seq - 1, to_seq=seq):
+                return "conflict"
+        return Refused(str(getattr(exc, "message", exc)))
+
+
+@dataclass
+class Refused:
+    reason: str
+    status: str = "stored"
+
+    @property
+    def rejected(self) -> list[tuple[int, str]]:
+        return [(0, self.reason)]

@@ -1,0 +1,93 @@
+"""Real servers for tests: uvicorn serving the console on a loopback port, against the
+test database, in its own process (so tests can kill and restart it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url_for(settings_dict: dict) -> str:
+    user = quote(settings_dict["USER"] or "", safe="")
+    password = quote(settings_dict["PASSWORD"] or "", safe="")
+    return (f"postgres://{user}:{password}@{settings_dict['HOST'] or '127.0.0.1'}:{settings_dict['PORT'] or 5432}"
+            f"/{settings_dict['NAME']}")
+
+
+class ConsoleServer:
+    """uvicorn + the console's ASGI app in a subprocess."""
+
+    def __init__(self, settings_dict: dict, *, extra_env: dict | None = None, log_dir: Path | None = None) -> None:
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url_for(settings_dict),
+            "DB_CONN_MAX_AGE": "0",
+            **(extra_env or {}),
+        }
+        self.log_path = (log_dir or ROOT / ".run" / "logs") / f"test-server-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/agent/v1/"
+
+    def start(self, timeout: float = 30) -> ConsoleServer:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "console.asgi:application", "--host", "127.0.0.1", "--port",
+             str(self.port), "--ws", "websockets-sansio", "--ws-per-message-deflate", "false", "--lifespan", "off",
+             "--no-access-log", "--ws-max-size", str(1024 * 1024)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"console server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"console server not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no flush — the crash case."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
