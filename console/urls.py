@@ -13,6 +13,7 @@ admin.site.site_title = "Edge fleet console admin"
 api_v1 = [
     path("", include("fleet.api.urls")),
     path("telemetry/", include("telemetry.api.urls")),
+    path("security/", include("security.api.urls")),
     path("schema/", SpectacularAPIView.as_view(permission_classes=[AllowAny]), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema", permission_classes=[AllowAny]), name="api-docs"),
     path("redoc/", SpectacularRedocView.as_view(url_name="api-schema", permission_classes=[AllowAny]), name="api-redoc"),

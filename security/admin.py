@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.http import HttpRequest
+from django.utils import timezone
 
-from security.models import AuditEntry
+from security import services
+from security.models import AuditEntry, DeviceKey, EnrollmentToken
 
 
 @admin.register(AuditEntry)
@@ -23,4 +25,60 @@ class AuditEntryAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: AuditEntry | None = None) -> bool:
+        return False
+
+
+@admin.register(EnrollmentToken)
+class EnrollmentTokenAdmin(admin.ModelAdmin):
+    """Tokens are created here with a one-time display of the secret (see save_model)."""
+
+    list_display = ["__str__", "prefix", "token_state", "uses", "max_uses", "expires_at", "site", "auto_approve"]
+    list_filter = ["auto_approve", "site"]
+    search_fields = ["name", "prefix"]
+    fields = ["name", "expires_at", "max_uses", "site", "labels", "auto_approve"]
+    readonly_fields = ["prefix", "uses", "revoked_at", "created_by", "created_at"]
+    actions = ["revoke"]
+
+    @admin.display(description="state")
+    def token_state(self, obj: EnrollmentToken) -> str:
+        return obj.state(timezone.now())
+
+    def get_fields(self, request: HttpRequest, obj: EnrollmentToken | None = None) -> list[str]:
+        return self.fields if obj is None else ["name", "prefix", "uses", "max_uses", "expires_at", "site", "labels",
+                                                "auto_approve", "revoked_at", "created_by", "created_at"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: EnrollmentToken | None = None) -> list[str]:
+        return [] if obj is None else self.get_fields(request, obj)
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return
+        token, secret = services.enrollment_token_create(
+            actor=request.user, name=obj.name, expires_in=obj.expires_at - timezone.now(), max_uses=obj.max_uses,
+            site=obj.site, labels=obj.labels, auto_approve=obj.auto_approve,
+        )
+        form.instance = token
+        obj.pk = token.pk
+        messages.warning(request, f"Enrollment token created. Copy the secret now; it is not shown again: {secret}")
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset) -> None:
+        for token in queryset.filter(revoked_at__isnull=True):
+            services.enrollment_token_revoke(actor=request.user, token=token)
+
+
+@admin.register(DeviceKey)
+class DeviceKeyAdmin(admin.ModelAdmin):
+    list_display = ["fingerprint", "device", "state", "source", "created_at", "revoked_at"]
+    list_filter = ["state", "source"]
+    search_fields = ["fingerprint", "device__uid"]
+    list_select_related = ["device"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # keys arrive by enrollment, pre-authorisation (API) or rotation
+
+    def has_change_permission(self, request: HttpRequest, obj: DeviceKey | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: DeviceKey | None = None) -> bool:
         return False

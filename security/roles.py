@@ -23,9 +23,9 @@ CONSOLE_APPS = ("fleet", "security", "telemetry", "rollouts", "frontend")
 OPERATOR_PERMISSIONS = {
     "fleet.add_site", "fleet.change_site",
     "fleet.add_device", "fleet.change_device", "fleet.approve_device", "fleet.quarantine_device",
-    "fleet.pin_device",
+    "fleet.pin_device", "fleet.send_command",
     "fleet.add_devicegroup", "fleet.change_devicegroup", "fleet.delete_devicegroup",
-    "security.add_enrollmenttoken", "security.change_enrollmenttoken",
+    "security.add_enrollmenttoken", "security.change_enrollmenttoken", "security.add_devicekey",
     "security.request_attestation",
     "telemetry.add_alertrule", "telemetry.change_alertrule", "telemetry.delete_alertrule",
     "telemetry.change_alert",

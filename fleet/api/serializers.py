@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from fleet.models import Accelerator, Device, DeviceGroup, Site
+from fleet.models import Accelerator, Device, DeviceCommand, DeviceGroup, Site
 from fleet.services import COMPONENTS
 
 
@@ -100,3 +100,16 @@ class DeviceGroupSerializer(serializers.ModelSerializer):
 class GroupMembersSerializer(serializers.Serializer):
     add = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
     remove = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
+
+
+class DeviceCommandSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = DeviceCommand
+        fields = ["id", "name", "args", "state", "output", "created_by", "created_at", "sent_at", "completed_at",
+                  "expires_at"]
+        read_only_fields = fields
+
+
+class CommandIssueSerializer(serializers.Serializer):
+    name = serializers.ChoiceField(choices=DeviceCommand.Name.choices)
+    args = serializers.DictField(required=False, default=dict)

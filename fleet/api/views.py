@@ -59,6 +59,7 @@ class DeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         "pin": ["fleet.pin_device"],
         "unpin": ["fleet.pin_device"],
         "labels": ["fleet.change_device"],
+        "commands": ["fleet.view_devicecommand"],
     }
 
     def _respond(self, device: Device, code: int = status.HTTP_200_OK) -> Response:
@@ -127,6 +128,21 @@ class DeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     def unpin(self, request: Request, uid: str) -> Response:
         data = self._validated(s.UnpinSerializer, request)
         return self._respond(services.device_unpin(actor=request.user, device=self.get_object(), **data))
+
+    @extend_schema(methods=["GET"], responses=s.DeviceCommandSerializer(many=True))
+    @extend_schema(methods=["POST"], request=s.CommandIssueSerializer, responses={201: s.DeviceCommandSerializer})
+    @action(detail=True, methods=["get", "post"])
+    def commands(self, request: Request, uid: str) -> Response:
+        """Recent commands of the device; `POST` queues a new one (delivered now or on reconnect)."""
+        device = self.get_object()
+        if request.method == "GET":
+            recent = device.commands.all()[:100]
+            return Response(s.DeviceCommandSerializer(recent, many=True).data)
+        if not request.user.has_perm("fleet.send_command"):
+            self.permission_denied(request, message="you may not send commands to devices")
+        data = self._validated(s.CommandIssueSerializer, request)
+        command = services.command_issue(actor=request.user, device=device, name=data["name"], args=data["args"])
+        return Response(s.DeviceCommandSerializer(command).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=s.BulkLabelSerializer, responses={200: {"type": "object"}})
     @action(detail=False, methods=["post"])

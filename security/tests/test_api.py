@@ -1,0 +1,94 @@
+import base64
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fleet.models import Device
+from security.models import AuditEntry, EnrollmentToken
+from security.services import token_digest
+from tests.factories import make_device
+
+pytestmark = pytest.mark.django_db
+
+
+def _public_key_b64() -> str:
+    raw = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def test_operator_creates_a_token_and_sees_the_secret_once(operator_api):
+    response = operator_api.post("/api/v1/security/enrollment-tokens/", {
+        "name": "line 3", "max_uses": 5, "expires_in_hours": 2, "labels": {"line": "l3"}, "auto_approve": True,
+    }, format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["secret"].startswith("fet_") and body["state"] == "valid"
+    token = EnrollmentToken.objects.get(pk=body["id"])
+    assert token.secret_hash == token_digest(body["secret"])  # only the hash is stored
+    listed = operator_api.get(f"/api/v1/security/enrollment-tokens/{token.pk}/").json()
+    assert "secret" not in listed
+
+
+def test_a_revoked_token_reports_its_state(operator_api):
+    created = operator_api.post("/api/v1/security/enrollment-tokens/", {}, format="json").json()
+    response = operator_api.post(f"/api/v1/security/enrollment-tokens/{created['id']}/revoke/")
+    assert response.json()["state"] == "revoked"
+    again = operator_api.post(f"/api/v1/security/enrollment-tokens/{created['id']}/revoke/")
+    assert again.status_code == 409
+
+
+def test_viewers_cannot_create_tokens_or_preauthorize(viewer_api):
+    assert viewer_api.post("/api/v1/security/enrollment-tokens/", {}, format="json").status_code == 403
+    response = viewer_api.post("/api/v1/security/device-keys/preauthorize/",
+                               {"uid": "x", "public_key": _public_key_b64()}, format="json")
+    assert response.status_code == 403
+
+
+def test_operator_preauthorizes_a_device_with_its_key(operator_api):
+    response = operator_api.post("/api/v1/security/device-keys/preauthorize/",
+                                 {"uid": "pre-9", "public_key": _public_key_b64(), "approve": True}, format="json")
+    assert response.status_code == 201, response.content
+    assert response.json()["status"] == "active"
+    assert Device.objects.get(uid="pre-9").keys.filter(state="active", source="preauthorized").exists()
+
+
+def test_a_malformed_public_key_is_a_400_that_says_why(operator_api):
+    response = operator_api.post("/api/v1/security/device-keys/preauthorize/",
+                                 {"uid": "pre-10", "public_key": "AAAA"}, format="json")
+    assert response.status_code == 400
+    assert "32 bytes" in response.json()["detail"]
+
+
+def test_only_admins_rotate_keys_and_revoke_devices(operator_api, admin_api):
+    operator_api.post("/api/v1/security/device-keys/preauthorize/",
+                      {"uid": "pre-11", "public_key": _public_key_b64()}, format="json")
+    url = "/api/v1/security/device-keys/devices/pre-11/"
+    assert operator_api.post(url + "revoke/", {"reason": "lost"}, format="json").status_code == 403
+    assert admin_api.post(url + "rotate/", {"public_key": _public_key_b64()}, format="json").status_code == 200
+    response = admin_api.post(url + "revoke/", {"reason": "lost"}, format="json")
+    assert response.status_code == 200 and response.json()["status"] == "decommissioned"
+    assert not Device.objects.get(uid="pre-11").keys.filter(state="active").exists()
+
+
+def test_audit_log_is_filterable_and_exports_csv(viewer_api):
+    device = make_device(status="pending")
+    from fleet import services
+
+    services.device_approve(actor="test", device=device, reason="ok")
+    entries = viewer_api.get("/api/v1/security/audit/?action=device.").json()["results"]
+    assert {e["action"] for e in entries} == {"device.register", "device.approve"}
+    response = viewer_api.get("/api/v1/security/audit/export/?action=device.approve")
+    assert response.status_code == 200
+    lines = b"".join(response.streaming_content).decode().strip().splitlines()
+    assert lines[0].startswith("id,at,actor_type") and len(lines) == 2
+    assert AuditEntry.objects.count() >= 2
+
+
+def test_operator_sends_a_command_and_viewer_cannot(operator_api, viewer_api):
+    device = make_device()
+    url = f"/api/v1/devices/{device.uid}/commands/"
+    assert viewer_api.post(url, {"name": "reboot"}, format="json").status_code == 403
+    response = operator_api.post(url, {"name": "reboot"}, format="json")
+    assert response.status_code == 201 and response.json()["state"] == "queued"
+    assert [c["name"] for c in viewer_api.get(url).json()] == ["reboot"]
