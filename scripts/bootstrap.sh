@@ -7,9 +7,8 @@ source "$(dirname "$0")/lib.sh"
 profile="${1:-run}"
 
 pkgs=(postgresql redis-server)
-# Each pair: the command we need, the package that ships it.
 if [ "$profile" = test ] || [ "$profile" = all ]; then
-  pkgs+=(swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 chromium)
+  pkgs+=(swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 libtss2-tctildr0 chromium)
 fi
 
 missing=()
