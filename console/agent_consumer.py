@@ -40,7 +40,9 @@ from fleet import push
 from fleet import services as fleet_services
 from fleet.errors import DomainError
 from fleet.models import DeviceCommand, DeviceStatus
+from security import attestation
 from security import services as security_services
+from security.tpm import verify as tpm_verify
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
         sources = [receive]
         if self.channel_layer is not None:
             sources.append(self._layer_receive)
-        with contextlib.suppress(StopConsumer):
+        try:
             await await_many_dispatch(sources, self.dispatch)
+        except StopConsumer:
+            pass
+        except OSError:
+            pass  # the device went away while we were sending to it (uvicorn's ClientDisconnected)
+        except Exception:
+            log.exception("agent connection failed")
+            raise
+        finally:
+            # A connection that ends without a `websocket.disconnect` (e.g. the device left
+            # while we were mid-send) must still be cleaned up: presence, group membership.
+            if not getattr(self, "cleaned_up", True):
+                await asyncio.shield(self.disconnect(1006))
 
     async def _layer_receive(self) -> dict:
         while True:
@@ -125,6 +139,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.closed = False
+        self.cleaned_up = False
         self.session: security_services.DeviceSession | None = None
         self.status = ""
         self.conn_id = uuid.uuid4().hex
@@ -136,7 +151,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.acker: asyncio.Task | None = None
         self.tokens = float(settings.AGENT_RATE_BURST)
         self.tokens_at = time.monotonic()
-        self.frames_in = 0
+        self.pending_enroll: tuple[p.Enroll, attestation.TpmEnrollment] | None = None
         await self.accept()
         await self.send_frame(p.hello(nonce=self.nonce, server_time=now_ms()))
         self.handshake_timer = asyncio.get_running_loop().create_task(self._handshake_deadline())
@@ -148,6 +163,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
                                                                       message="handshake not finished in time"))
 
     async def disconnect(self, code: int) -> None:
+        if self.cleaned_up:
+            return
+        self.cleaned_up = True
         self.closed = True
         self.handshake_timer.cancel()
         if self.acker:
@@ -221,15 +239,22 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 session = await database_sync_to_async(security_services.device_authenticate)(
                     uid=auth.device_uid, nonce=self.nonce, signature=auth.sig
                 )
-            elif kind == "enroll":
+            elif kind == "enroll" and self.pending_enroll is None:
                 enroll = p.validate_enroll(frame)
-                session = await database_sync_to_async(security_services.device_enroll)(
-                    secret=enroll.enrollment_token, uid=enroll.device_uid, public_key=enroll.public_key,
-                    nonce=self.nonce, signature=enroll.sig, hardware=enroll.hardware or {},
-                )
+                if enroll.tpm is not None:
+                    await self._tpm_enrollment_begin(enroll)
+                    return  # the device answers with `tpm.activate`
+                session = await self._enroll(enroll, tpm=None)
+            elif kind == "tpm.activate" and self.pending_enroll is not None:
+                answer = p.validate_tpm_activate(frame)
+                enroll, tpm = self.pending_enroll
+                self.pending_enroll = None
+                if tpm_verify.verify_activation(tpm.secret, answer.secret):
+                    raise security_services.AuthFailed("TPM credential activation failed: EK and AK are not bound")
+                session = await self._enroll(enroll, tpm=tpm)
             else:
                 raise Closing(p.Close.PROTOCOL_ERROR, p.error(code="bad_frame",
-                                                               message=f"expected auth or enroll, got {kind!r}"))
+                                                               message=f"unexpected {kind!r} during the handshake"))
         except p.ProtocolError as exc:
             raise Closing(p.Close.PROTOCOL_ERROR, p.error(code=exc.code, message=exc.message)) from None
         except security_services.AuthFailed as exc:
@@ -250,6 +275,51 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.acker = asyncio.get_running_loop().create_task(self._ack_loop())
         await self._send_welcome()
         await self._deliver_commands()
+        await self._challenge("connect")
+
+    async def _enroll(self, enroll: p.Enroll, *, tpm: attestation.TpmEnrollment | None) -> Any:
+        return await database_sync_to_async(security_services.device_enroll)(
+            secret=enroll.enrollment_token, uid=enroll.device_uid, public_key=enroll.public_key,
+            nonce=self.nonce, signature=enroll.sig, hardware=enroll.hardware or {}, tpm=tpm,
+        )
+
+    async def _tpm_enrollment_begin(self, enroll: p.Enroll) -> None:
+        await database_sync_to_async(security_services.enroll_precheck)(
+            secret=enroll.enrollment_token, uid=enroll.device_uid, public_key=enroll.public_key,
+            nonce=self.nonce, signature=enroll.sig,
+        )
+        try:
+            tpm = await database_sync_to_async(attestation.tpm_enrollment_begin)(
+                ek_public=enroll.tpm.ek_pub, ek_certificate=enroll.tpm.ek_cert, ak_public=enroll.tpm.ak_pub
+            )
+        except DomainError as exc:
+            raise security_services.AuthFailed(exc.message) from None
+        self.pending_enroll = (enroll, tpm)
+        await self.send_frame(p.tpm_credential(tpm.credential_blob, tpm.encrypted_secret))
+
+    async def _challenge(self, reason: str) -> None:
+        if self.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
+            return
+        frame = await database_sync_to_async(attestation.challenge_issue)(device_id=self.session.device_id,
+                                                                          reason=reason)
+        await self.send_frame(frame)
+
+    async def _evidence(self, frame: dict) -> None:
+        if self.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
+            await self.send_frame(p.error(code="not_allowed", message=f"device is {self.status}"))
+            return
+        try:
+            evidence = p.validate_attest_evidence(frame)
+        except p.ProtocolError as exc:
+            await self.send_frame(p.error(code=exc.code, message=exc.message))
+            return
+        result = await database_sync_to_async(attestation.evidence_appraise)(
+            device_id=self.session.device_id, evidence=evidence
+        )
+        if result is None:
+            await self.send_frame(p.error(code="challenge_unknown", message="unknown or expired challenge"))
+            return
+        await self.send_frame(p.attest_result(str(evidence.challenge_id), result.status))
 
     async def _send_welcome(self) -> None:
         await self.send_frame(p.welcome(
@@ -268,8 +338,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 await self.send_frame(p.error(code=exc.code, message=exc.message))
         elif kind in ("auth", "enroll"):
             raise Closing(p.Close.PROTOCOL_ERROR, p.error(code="bad_frame", message="already authenticated"))
-        elif kind in ("attest.evidence", "tpm.activate"):
-            await self.send_frame(p.error(code="bad_frame", message="no attestation challenge is open"))
+        elif kind == "attest.evidence":
+            await self._evidence(frame)
+        elif kind == "tpm.activate":
+            await self.send_frame(p.error(code="bad_frame", message="no TPM enrollment is in progress"))
         else:
             await self.send_frame(p.error(code="unknown_type", message=f"unknown frame type {kind!r}"))
 
@@ -389,9 +461,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.close_with(p.Close.REVOKED, p.error(code="revoked", message="device decommissioned"))
             return
         if status != self.status:
+            was_pending = self.status == DeviceStatus.PENDING
             self.status = status
             await self._send_welcome()
             await self._deliver_commands()
+            if was_pending:
+                await self._challenge("connect")
 
     async def device_commands(self, event: dict) -> None:
         await self._deliver_commands()

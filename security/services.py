@@ -166,9 +166,28 @@ def device_authenticate(*, uid: str, nonce: bytes, signature: bytes) -> DeviceSe
     return _session(device)
 
 
+def enroll_precheck(*, secret: str, uid: str, public_key: bytes, nonce: bytes, signature: bytes) -> None:
+    """Refuse early (before a TPM credential round) what `device_enroll` would refuse."""
+    try:
+        _check_public_key(public_key)
+    except InvalidInput as exc:
+        raise AuthFailed(exc.message) from None
+    if not signature_valid(public_key, auth_message(nonce, uid), signature):
+        raise AuthFailed("bad signature: proof of possession failed")
+    token = EnrollmentToken.objects.filter(secret_hash=token_digest(secret)).first()
+    if token is None:
+        raise AuthFailed("unknown enrollment token")
+    if Device.objects.filter(uid=uid).exists():
+        return  # device_enroll decides (same key: idempotent; other key: refused)
+    state = token.state(timezone.now())
+    if state != "valid":
+        raise AuthFailed(f"enrollment token {state}")
+
+
 @transaction.atomic
 def device_enroll(
     *, secret: str, uid: str, public_key: bytes, nonce: bytes, signature: bytes, hardware: dict,
+    tpm: Any = None,
 ) -> DeviceSession:
     """First contact: a valid token plus proof of possession of the key creates the device.
 
@@ -199,20 +218,27 @@ def device_enroll(
         raise AuthFailed("this public key already belongs to another device")
     hardware = hardware if isinstance(hardware, dict) else {}
     capabilities = {k: hardware[k] for k in HARDWARE_FIELDS if k in hardware}
+    # An EK without a trusted certificate needs an operator's approval first, token or not.
+    auto_approve = token.auto_approve and (tpm is None or tpm.ek_approved)
     try:
         device = fleet_services.device_register(
             actor=f"enrollment-token:{token.prefix}", uid=uid,
             hardware_model=str(hardware.get("model", ""))[:100], serial=str(hardware.get("serial", ""))[:100],
             site=token.site, labels=token.labels, capabilities=capabilities,
-            status=DeviceStatus.ACTIVE if token.auto_approve else DeviceStatus.PENDING,
+            status=DeviceStatus.ACTIVE if auto_approve else DeviceStatus.PENDING,
         )
     except (DomainError, ValidationError) as exc:
         raise AuthFailed(f"enrollment refused: {getattr(exc, 'message', None) or exc}") from None
     DeviceKey.objects.create(device=device, public_key=public_key, fingerprint=fingerprint, source="enroll")
+    if tpm is not None:
+        from security.attestation import tpm_identity_store
+
+        tpm_identity_store(device=device, enrollment=tpm)
     token.uses += 1
     token.save(update_fields=["uses"])
     audit.record(actor=device, action="device.enroll", target=device,
-                 data={"token": token.prefix, "status": device.status, "key": fingerprint[:16]})
+                 data={"token": token.prefix, "status": device.status, "key": fingerprint[:16],
+                       "tpm": None if tpm is None else {"ek_tier": tpm.ek_tier, "ek_cert_failed": tpm.ek_cert_failed}})
     return _session(device)
 
 

@@ -189,6 +189,11 @@ AGENT_RATE_PER_S = env_float("AGENT_RATE_PER_S", 50, minimum=0.1)  # sustained m
 AGENT_RATE_BURST = env_int("AGENT_RATE_BURST", 200, minimum=1)
 AGENT_PRESENCE_FLUSH_S = env_float("AGENT_PRESENCE_FLUSH_S", 5, minimum=0.05)
 
+# Attestation (docs/attestation.md).
+SECURITY_ATTEST_INTERVAL_S = env_float("SECURITY_ATTEST_INTERVAL_S", 3600, minimum=10)
+SECURITY_CHALLENGE_TTL_S = env_float("SECURITY_CHALLENGE_TTL_S", 60, minimum=1)
+SECURITY_TPM_TRUST_DIR = env_str("SECURITY_TPM_TRUST_DIR", "")  # optional: <dir>/{manufacturer,test,intermediates}/*.pem
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -24,3 +24,7 @@ def enrollment_token(transactional_db):
         return enrollment_token_create(actor="test", **kwargs)[1]
 
     return make
+
+
+# The real software TPM fixtures (swtpm on a loopback port, private CA) from tests/tpm.
+from tests.tpm.conftest import swtpm, swtpm_factory, tpm  # noqa: E402, F401

@@ -180,7 +180,7 @@ def test_a_second_connection_replaces_the_first_with_4409(console_server, enroll
         # The survivor is still served.
         await second.send({"type": "heartbeat", "t": p.now_ms(), "uptime_s": 5, "buffered": 0})
         await second.send({"type": "bogus"})
-        assert (await second.recv())["code"] == "unknown_type"
+        assert (await second.recv_type("error"))["code"] == "unknown_type"
         await second.close()
         return code
 
