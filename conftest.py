@@ -10,11 +10,11 @@ from security.services import operator_upsert
 
 
 @pytest.fixture
-def roles(db):  # noqa: ANN001, ANN201
+def roles(db):
     sync_roles()
 
 
-def _persona(role: str | None, username: str):  # noqa: ANN202
+def _persona(role: str | None, username: str):
     from django.contrib.auth import get_user_model
 
     if role is None:
@@ -25,26 +25,26 @@ def _persona(role: str | None, username: str):  # noqa: ANN202
 
 
 @pytest.fixture
-def admin_user(roles):  # noqa: ANN001, ANN201
+def admin_user(roles):
     return _persona(ADMIN, "alice-admin")[0]
 
 
 @pytest.fixture
-def operator_user(roles):  # noqa: ANN001, ANN201
+def operator_user(roles):
     return _persona(OPERATOR, "oscar-operator")[0]
 
 
 @pytest.fixture
-def viewer_user(roles):  # noqa: ANN001, ANN201
+def viewer_user(roles):
     return _persona(VIEWER, "vera-viewer")[0]
 
 
 @pytest.fixture
-def outsider_user(roles):  # noqa: ANN001, ANN201
+def outsider_user(roles):
     return _persona(None, "otto-outsider")[0]
 
 
-def _client_for(user) -> APIClient:  # noqa: ANN001
+def _client_for(user) -> APIClient:
     from rest_framework.authtoken.models import Token
 
     client = APIClient()
@@ -59,20 +59,20 @@ def anon_api() -> APIClient:
 
 
 @pytest.fixture
-def admin_api(admin_user) -> APIClient:  # noqa: ANN001
+def admin_api(admin_user) -> APIClient:
     return _client_for(admin_user)
 
 
 @pytest.fixture
-def operator_api(operator_user) -> APIClient:  # noqa: ANN001
+def operator_api(operator_user) -> APIClient:
     return _client_for(operator_user)
 
 
 @pytest.fixture
-def viewer_api(viewer_user) -> APIClient:  # noqa: ANN001
+def viewer_api(viewer_user) -> APIClient:
     return _client_for(viewer_user)
 
 
 @pytest.fixture
-def outsider_api(outsider_user) -> APIClient:  # noqa: ANN001
+def outsider_api(outsider_user) -> APIClient:
     return _client_for(outsider_user)

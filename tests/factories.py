@@ -10,14 +10,14 @@ from fleet.models import Device, DeviceStatus, Site
 _seq = itertools.count(1)
 
 
-def make_site(*, slug: str | None = None, **kwargs) -> Site:  # noqa: ANN003
+def make_site(*, slug: str | None = None, **kwargs) -> Site:
     n = next(_seq)
     slug = slug or f"site-{n}"
     return services.site_create(actor="test", name=kwargs.pop("name", slug.title()), slug=slug, **kwargs)
 
 
 def make_device(*, uid: str | None = None, status: str = DeviceStatus.ACTIVE, labels: dict | None = None,
-                site: Site | None = None, ram_mb: int = 8192, accelerator: str = "none", **kwargs) -> Device:  # noqa: ANN003
+                site: Site | None = None, ram_mb: int = 8192, accelerator: str = "none", **kwargs) -> Device:
     uid = uid or f"dev-{next(_seq):05d}"
     return services.device_register(
         actor="test", uid=uid, status=status, labels=labels or {}, site=site,

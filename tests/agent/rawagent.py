@@ -84,13 +84,13 @@ class RawAgent:
             await self.ws.close()
 
 
-async def in_db(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+async def in_db(fn, *args, **kwargs):
     """Run ORM code from an async test; close the worker thread's connection afterwards so
     the test database can be dropped at the end of the session."""
     from asgiref.sync import sync_to_async
     from django.db import connection
 
-    def call():  # noqa: ANN202
+    def call():
         try:
             return fn(*args, **kwargs)
         finally:

@@ -1,7 +1,6 @@
 """TPM enrollment and attestation through the real server, with a real software TPM."""
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
@@ -16,12 +15,12 @@ from tests.agent.rawagent import RawAgent, in_db, public_bytes
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def trust_swtpm_ca(swtpm) -> None:  # noqa: ANN001
+def trust_swtpm_ca(swtpm) -> None:
     TrustAnchor.objects.create(name="swtpm local root", tier="test", certificate_pem=swtpm.root_ca_pem.decode())
     TrustAnchor.objects.create(name="swtpm issuer", tier="intermediate", certificate_pem=swtpm.issuer_ca_pem.decode())
 
 
-async def tpm_enroll(agent: RawAgent, token: str, tpm: Tpm, *, answer=None) -> dict:  # noqa: ANN001
+async def tpm_enroll(agent: RawAgent, token: str, tpm: Tpm, *, answer=None) -> dict:
     await agent.open()
     await agent.send(p.enroll(token, agent.uid, public_bytes(agent.key), agent.key.sign(p.auth_message(agent.nonce,
                                                                                                        agent.uid)),
@@ -146,6 +145,6 @@ def test_software_claims_are_never_better_than_warning(console_server, enrollmen
     assert results[1].failed_checks == ["challenge.reused"]
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
