@@ -6,8 +6,17 @@ from django.contrib import admin, messages
 from django.http import HttpRequest
 from django.utils import timezone
 
-from security import services
-from security.models import AuditEntry, DeviceKey, EnrollmentToken
+from security import attestation, services
+from security.models import (
+    AttestationPolicy,
+    AttestationResult,
+    AuditEntry,
+    DeviceKey,
+    DeviceTrust,
+    EnrollmentToken,
+    TpmIdentity,
+    TrustAnchor,
+)
 
 
 @admin.register(AuditEntry)
@@ -82,3 +91,93 @@ class DeviceKeyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: DeviceKey | None = None) -> bool:
         return False
+
+
+@admin.register(AttestationResult)
+class AttestationResultAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "device", "status", "format", "self_reported", "failed", "policy"]
+    list_filter = ["status", "format", "self_reported"]
+    search_fields = ["device__uid", "evidence_sha256"]
+    list_select_related = ["device", "policy"]
+    show_full_result_count = False
+
+    @admin.display(description="failed checks")
+    def failed(self, obj: AttestationResult) -> str:
+        return ", ".join(obj.failed_checks) or "—"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AttestationResult | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AttestationResult | None = None) -> bool:
+        return False
+
+
+@admin.register(DeviceTrust)
+class DeviceTrustAdmin(admin.ModelAdmin):
+    list_display = ["device", "state", "last_status", "last_attested_at", "affirming_streak"]
+    list_filter = ["state", "last_status"]
+    search_fields = ["device__uid"]
+    list_select_related = ["device"]
+    actions = ["attest_now"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: DeviceTrust | None = None) -> bool:
+        return False
+
+    def has_attest_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("security.request_attestation")
+
+    @admin.action(description="Attest selected devices now", permissions=["attest"])
+    def attest_now(self, request: HttpRequest, queryset) -> None:  # noqa: ANN001
+        for trust in queryset.select_related("device"):
+            attestation.attestation_request(actor=request.user, device=trust.device)
+        self.message_user(request, f"Challenges sent to {queryset.count()} device(s) (connected ones answer).")
+
+
+@admin.register(TpmIdentity)
+class TpmIdentityAdmin(admin.ModelAdmin):
+    list_display = ["device", "ek_tier", "ek_approved", "ek_sha256", "created_at"]
+    list_filter = ["ek_tier", "ek_approved"]
+    search_fields = ["device__uid", "ek_sha256"]
+    readonly_fields = ["device", "ek_sha256", "ek_tier", "ek_cert_failed", "ek_approved", "ek_approved_by", "ak_name",
+                       "created_at"]
+    exclude = ["ek_public", "ek_certificate", "ak_public"]
+    actions = ["approve_ek"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_approve_ek_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("security.approve_ek")
+
+    @admin.action(description="Approve the endorsement key (no valid certificate)", permissions=["approve_ek"])
+    def approve_ek(self, request: HttpRequest, queryset) -> None:  # noqa: ANN001
+        for identity in queryset.filter(ek_approved=False).select_related("device"):
+            attestation.tpm_ek_approve(actor=request.user, device=identity.device)
+
+
+@admin.register(AttestationPolicy)
+class AttestationPolicyAdmin(admin.ModelAdmin):
+    list_display = ["name", "version", "state", "hardware_model", "group", "created_by", "approved_by"]
+    list_filter = ["state"]
+    search_fields = ["name", "hardware_model"]
+    actions = ["approve"]
+
+    def has_change_permission(self, request: HttpRequest, obj: AttestationPolicy | None = None) -> bool:
+        return False  # versions are immutable: write a new one (API) instead
+
+    @admin.action(description="Approve learned baseline (enforce it)", permissions=["add"])
+    def approve(self, request: HttpRequest, queryset) -> None:  # noqa: ANN001
+        for policy in queryset.filter(state=AttestationPolicy.State.PENDING_APPROVAL):
+            attestation.policy_approve(actor=request.user, policy=policy)
+
+
+@admin.register(TrustAnchor)
+class TrustAnchorAdmin(admin.ModelAdmin):
+    list_display = ["name", "tier", "created_at"]
+    list_filter = ["tier"]

@@ -26,7 +26,7 @@ OPERATOR_PERMISSIONS = {
     "fleet.pin_device", "fleet.send_command",
     "fleet.add_devicegroup", "fleet.change_devicegroup", "fleet.delete_devicegroup",
     "security.add_enrollmenttoken", "security.change_enrollmenttoken", "security.add_devicekey",
-    "security.request_attestation",
+    "security.request_attestation", "security.approve_ek",
     "telemetry.add_alertrule", "telemetry.change_alertrule", "telemetry.delete_alertrule",
     "telemetry.change_alert",
     "rollouts.add_artifact", "rollouts.add_campaign", "rollouts.change_campaign",

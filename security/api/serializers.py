@@ -9,8 +9,16 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from fleet.models import Site
-from security.models import AuditEntry, DeviceKey, EnrollmentToken
+from fleet.models import Device, DeviceGroup, Site
+from security.models import (
+    AttestationPolicy,
+    AttestationResult,
+    AuditEntry,
+    DeviceKey,
+    DeviceTrust,
+    EnrollmentToken,
+    TrustAnchor,
+)
 
 
 @extend_schema_field(OpenApiTypes.BYTE)
@@ -39,8 +47,21 @@ class EnrollmentTokenSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = EnrollmentToken
-        fields = ["id", "name", "prefix", "state", "created_by", "created_at", "expires_at", "max_uses", "uses",
-                  "site", "labels", "auto_approve", "revoked_at"]
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "state",
+            "created_by",
+            "created_at",
+            "expires_at",
+            "max_uses",
+            "uses",
+            "site",
+            "labels",
+            "auto_approve",
+            "revoked_at",
+        ]
         read_only_fields = fields
 
     def get_state(self, token: EnrollmentToken) -> str:
@@ -96,6 +117,114 @@ class RevokeSerializer(serializers.Serializer):
 class AuditEntrySerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditEntry
-        fields = ["id", "at", "actor_type", "actor", "action", "target_type", "target_id", "target_repr", "data",
-                  "source_ip", "prev_hash", "hash"]
+        fields = [
+            "id",
+            "at",
+            "actor_type",
+            "actor",
+            "action",
+            "target_type",
+            "target_id",
+            "target_repr",
+            "data",
+            "source_ip",
+            "prev_hash",
+            "hash",
+        ]
+        read_only_fields = fields
+
+
+class AttestationResultSerializer(serializers.ModelSerializer):
+    device = serializers.SlugRelatedField(slug_field="uid", read_only=True)
+    policy = serializers.StringRelatedField()
+    label = serializers.SerializerMethodField(help_text='"self-reported" for evidence without a TPM')
+
+    class Meta:
+        model = AttestationResult
+        fields = [
+            "id",
+            "device",
+            "created_at",
+            "format",
+            "status",
+            "label",
+            "self_reported",
+            "failed_checks",
+            "warnings",
+            "policy",
+            "policy_version",
+            "verifier_version",
+            "pcrs",
+            "evidence_sha256",
+            "clock",
+            "reboot_detected",
+        ]
+        read_only_fields = fields
+
+    def get_label(self, result: AttestationResult) -> str:
+        return "self-reported" if result.self_reported else "tpm"
+
+
+class AttestationPolicySerializer(serializers.ModelSerializer):
+    group = serializers.SlugRelatedField(
+        slug_field="slug", queryset=DeviceGroup.objects.all(), required=False, allow_null=True
+    )
+    learn_from = serializers.SlugRelatedField(
+        slug_field="uid", queryset=Device.objects.all(), required=False, allow_null=True
+    )
+
+    class Meta:
+        model = AttestationPolicy
+        fields = [
+            "id",
+            "name",
+            "version",
+            "state",
+            "hardware_model",
+            "group",
+            "golden_pcrs",
+            "pcr_selection",
+            "learn_from",
+            "allow_self_reported",
+            "release_after_affirming",
+            "max_age_s",
+            "created_by",
+            "approved_by",
+            "created_at",
+            "approved_at",
+        ]
+        read_only_fields = ["id", "version", "state", "created_by", "approved_by", "created_at", "approved_at"]
+        validators = []  # the service assigns the next version; (name, version) is unique by construction
+
+
+class TrustAnchorSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TrustAnchor
+        fields = ["id", "name", "tier", "certificate_pem", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+    def validate_certificate_pem(self, value: str) -> str:
+        from cryptography import x509
+
+        try:
+            x509.load_pem_x509_certificate(value.encode())
+        except ValueError:
+            raise serializers.ValidationError("not a PEM-encoded X.509 certificate") from None
+        return value
+
+
+class DeviceTrustSerializer(serializers.ModelSerializer):
+    device = serializers.SlugRelatedField(slug_field="uid", read_only=True)
+
+    class Meta:
+        model = DeviceTrust
+        fields = [
+            "device",
+            "state",
+            "last_status",
+            "last_attested_at",
+            "last_challenge_at",
+            "affirming_streak",
+            "last_result",
+        ]
         read_only_fields = fields

@@ -13,11 +13,20 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fleet import audit
 from fleet.api.serializers import DeviceSerializer
 from fleet.models import Device
-from security import services
+from security import attestation, services
 from security.api import serializers as s
-from security.models import AuditEntry, DeviceKey, EnrollmentToken
+from security.models import (
+    AttestationPolicy,
+    AttestationResult,
+    AuditEntry,
+    DeviceKey,
+    DeviceTrust,
+    EnrollmentToken,
+    TrustAnchor,
+)
 
 
 class EnrollmentTokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -38,8 +47,13 @@ class EnrollmentTokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, v
         body.is_valid(raise_exception=True)
         data = body.validated_data
         token, secret = services.enrollment_token_create(
-            actor=request.user, name=data["name"], expires_in=timedelta(hours=data["expires_in_hours"]),
-            max_uses=data["max_uses"], site=data.get("site"), labels=data["labels"], auto_approve=data["auto_approve"],
+            actor=request.user,
+            name=data["name"],
+            expires_in=timedelta(hours=data["expires_in_hours"]),
+            max_uses=data["max_uses"],
+            site=data.get("site"),
+            labels=data["labels"],
+            auto_approve=data["auto_approve"],
         )
         out = s.EnrollmentTokenSerializer(token).data
         return Response({**out, "secret": secret}, status=status.HTTP_201_CREATED)
@@ -95,8 +109,9 @@ class DeviceKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
     def revoke_device(self, request: Request, uid: str) -> Response:
         body = s.RevokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        device = services.device_revoke(actor=request.user, device=Device.objects.get(uid=uid),
-                                        reason=body.validated_data["reason"])
+        device = services.device_revoke(
+            actor=request.user, device=Device.objects.get(uid=uid), reason=body.validated_data["reason"]
+        )
         return Response(DeviceSerializer(device).data)
 
 
@@ -130,8 +145,19 @@ class AuditEntryViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
     def export_csv(self, request: Request) -> StreamingHttpResponse:
         """The filtered log as CSV, streamed."""
         entries = self.filter_queryset(self.get_queryset()).order_by("id")
-        columns = ["id", "at", "actor_type", "actor", "action", "target_type", "target_id", "target_repr",
-                   "source_ip", "data", "hash"]
+        columns = [
+            "id",
+            "at",
+            "actor_type",
+            "actor",
+            "action",
+            "target_type",
+            "target_id",
+            "target_repr",
+            "source_ip",
+            "data",
+            "hash",
+        ]
         writer = csv.writer(_Echo())
 
         def rows():
@@ -142,3 +168,101 @@ class AuditEntryViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         response = StreamingHttpResponse(rows(), content_type="text/csv")
         response["Content-Disposition"] = 'attachment; filename="audit.csv"'
         return response
+
+
+class AttestationResultFilter(django_filters.FilterSet):
+    device = django_filters.CharFilter(field_name="device__uid")
+    failed_check = django_filters.CharFilter(
+        field_name="failed_checks", lookup_expr="contains", method="filter_failed_check"
+    )
+
+    class Meta:
+        model = AttestationResult
+        fields = ["device", "status", "format", "self_reported"]
+
+    def filter_failed_check(self, queryset, name, value):
+        return queryset.filter(failed_checks__contains=[value])
+
+
+class AttestationResultViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Attestation history, newest first; `self_reported` results come from devices without a TPM."""
+
+    queryset = AttestationResult.objects.select_related("device", "policy")
+    serializer_class = s.AttestationResultSerializer
+    filterset_class = AttestationResultFilter
+    ordering_fields = ["created_at", "id"]
+    ordering = ["-created_at"]
+
+
+class DeviceTrustViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Current trust state per device, and attestation on demand."""
+
+    queryset = DeviceTrust.objects.select_related("device")
+    serializer_class = s.DeviceTrustSerializer
+    filterset_fields = ["state", "last_status"]
+    lookup_field = "device__uid"
+    lookup_url_kwarg = "uid"
+    action_permissions = {
+        "attest": ["security.request_attestation"],
+        "approve_ek": ["security.approve_ek"],
+    }
+
+    @extend_schema(request=None, responses={202: None})
+    @action(detail=False, methods=["post"], url_path=r"(?P<uid>[^/]+)/attest")
+    def attest(self, request: Request, uid: str) -> Response:
+        """Send the device an attestation challenge now (if it is connected)."""
+        attestation.attestation_request(actor=request.user, device=Device.objects.get(uid=uid))
+        return Response(status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={200: None})
+    @action(detail=False, methods=["post"], url_path=r"(?P<uid>[^/]+)/approve-ek")
+    def approve_ek(self, request: Request, uid: str) -> Response:
+        """Trust a TPM endorsement key that came without a valid certificate."""
+        identity = attestation.tpm_ek_approve(actor=request.user, device=Device.objects.get(uid=uid))
+        return Response({"device": uid, "ek_sha256": identity.ek_sha256, "ek_approved": identity.ek_approved})
+
+
+class AttestationPolicyViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    """Versioned golden-PCR policies. `POST` writes a new version; a `learn_from` policy records a
+    baseline from that device and waits for `approve`. Admins only for changes."""
+
+    queryset = AttestationPolicy.objects.select_related("group", "learn_from")
+    serializer_class = s.AttestationPolicySerializer
+    filterset_fields = ["name", "state"]
+    action_permissions = {"create": ["security.add_attestationpolicy"], "approve": ["security.change_attestationpolicy"]}
+
+    def perform_create(self, serializer: s.AttestationPolicySerializer) -> None:
+        serializer.instance = attestation.policy_save(actor=self.request.user, **serializer.validated_data)
+
+    @extend_schema(request=None, responses=s.AttestationPolicySerializer)
+    @action(detail=True, methods=["post"])
+    def approve(self, request: Request, pk: str) -> Response:
+        policy = attestation.policy_approve(actor=request.user, policy=self.get_object())
+        return Response(s.AttestationPolicySerializer(policy).data)
+
+
+class TrustAnchorViewSet(viewsets.ModelViewSet):
+    """Root CAs that TPM EK certificates chain to, by tier. Admins only for changes."""
+
+    queryset = TrustAnchor.objects.all()
+    serializer_class = s.TrustAnchorSerializer
+    filterset_fields = ["tier"]
+
+    def perform_create(self, serializer: s.TrustAnchorSerializer) -> None:
+        super().perform_create(serializer)
+        audit.record(
+            actor=self.request.user,
+            action="trust_anchor.add",
+            target=serializer.instance,
+            data={"tier": serializer.instance.tier},
+        )
+
+    def perform_update(self, serializer: s.TrustAnchorSerializer) -> None:
+        super().perform_update(serializer)
+        audit.record(actor=self.request.user, action="trust_anchor.change", target=serializer.instance)
+
+    def perform_destroy(self, instance: TrustAnchor) -> None:
+        audit.record(actor=self.request.user, action="trust_anchor.remove", target=instance)
+        instance.delete()

@@ -92,3 +92,40 @@ def test_operator_sends_a_command_and_viewer_cannot(operator_api, viewer_api):
     response = operator_api.post(url, {"name": "reboot"}, format="json")
     assert response.status_code == 201 and response.json()["state"] == "queued"
     assert [c["name"] for c in viewer_api.get(url).json()] == ["reboot"]
+
+
+def test_attestation_api_enforces_roles(viewer_api, operator_api, admin_api):
+    make_device(uid="att-1")
+    golden = {"sha256": {"7": "ab" * 32}}
+    assert viewer_api.get("/api/v1/security/attestation/results/").status_code == 200
+    assert viewer_api.post("/api/v1/security/attestation/trust/att-1/attest/").status_code == 403
+    assert operator_api.post("/api/v1/security/attestation/trust/att-1/attest/").status_code == 202
+    policy = {"name": "gw", "golden_pcrs": golden}
+    assert operator_api.post("/api/v1/security/attestation/policies/", policy, format="json").status_code == 403
+    created = admin_api.post("/api/v1/security/attestation/policies/", policy, format="json")
+    assert created.status_code == 201 and created.json()["state"] == "active" and created.json()["version"] == 1
+    again = admin_api.post("/api/v1/security/attestation/policies/", policy, format="json").json()
+    assert again["version"] == 2
+    bad = admin_api.post("/api/v1/security/attestation/policies/", {"name": "x", "golden_pcrs": {"sha256": {"7": "zz"}}},
+                         format="json")
+    assert bad.status_code == 400 and "64 hex characters" in bad.json()["detail"]
+    anchor = {"name": "vendor", "tier": "manufacturer", "certificate_pem": "not a cert"}
+    assert operator_api.post("/api/v1/security/attestation/trust-anchors/", anchor, format="json").status_code == 403
+    response = admin_api.post("/api/v1/security/attestation/trust-anchors/", anchor, format="json")
+    assert response.status_code == 400 and "PEM" in response.json()["detail"]
+
+
+def test_a_learned_baseline_is_enforced_only_after_approval(admin_api):
+    from security import attestation
+    from security.models import AttestationPolicy
+
+    device = make_device(uid="golden-box")
+    policy = attestation.policy_save(actor="test", name="learned", learn_from=device)
+    assert policy.state == "learning"
+    attestation._learn_baseline(device, attestation.Appraisal("affirming", [], [], {"sha256": {"0": "00" * 32}}, {},
+                                                               False, False))
+    policy.refresh_from_db()
+    assert policy.state == "pending_approval" and policy.golden_pcrs == {"sha256": {"0": "00" * 32}}
+    response = admin_api.post(f"/api/v1/security/attestation/policies/{policy.pk}/approve/")
+    assert response.status_code == 200 and response.json()["state"] == "active"
+    assert AttestationPolicy.objects.get(pk=policy.pk).approved_by == "alice-admin"

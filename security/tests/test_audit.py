@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -22,7 +24,7 @@ def test_every_entry_is_chained_to_the_previous_one():
     _some_history()
     entries = list(AuditEntry.objects.order_by("id"))
     assert len(entries) == 3
-    for before, after in zip(entries, entries[1:], strict=False):
+    for before, after in itertools.pairwise(entries):
         assert after.prev_hash == before.hash
     assert verify_chain() == (3, None)
 
@@ -57,7 +59,7 @@ def test_audit_verify_notices_a_deleted_entry():
     second = AuditEntry.objects.order_by("id")[1]
     with connection.cursor() as cursor:
         cursor.execute("DELETE FROM security_auditentry WHERE id = %s", [second.id])
-    checked, broken = verify_chain()
+    _checked, broken = verify_chain()
     assert broken is not None and broken.entry_id == second.id + 1
     assert "prev_hash" in broken.reason
 
