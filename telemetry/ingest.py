@@ -1,0 +1,576 @@
+"""The per-process ingest flusher: exactly-once, batched storage of telemetry frames.
+
+The agent connection (WebSocket consumer) hands every validated `telemetry` frame to
+`get_flusher().submit(...)` and acks the frame when the call returns. The flusher batches the
+frames of every connection in this process and writes each batch in ONE transaction:
+
+1. lock the batch's devices' `fleet_uplinkcursor` rows (in device-id order, so two processes
+   never deadlock), then for each device's contiguous run of frames s..e:
+   `UPDATE fleet_uplinkcursor SET last_acked_seq = e WHERE device_id = d AND last_acked_seq = s - 1`
+   — one statement for all devices;
+2. binary COPY of the points of the devices whose cursor advanced (and of nothing else);
+3. commit. Then each frame's future resolves: "stored" when its device advanced; otherwise,
+   by the cursor read in the same transaction, "duplicate" (seq <= cursor: another connection
+   or process stored it) or "conflict" (the consumer closes, the agent re-handshakes).
+
+The conditional UPDATE's row lock is what makes storage exactly-once across processes. If
+anything fails before the commit, nothing was stored, every frame of the batch raises
+`FlushFailed` and the agent resends it (it was not acked).
+
+The flusher owns a dedicated psycopg AsyncConnection (not the ORM), built from
+`django.db.connection.settings_dict` when it first connects, and reconnects after failures.
+While the database is unreachable, `submit()` fails fast with FlushFailed for a short back-off
+instead of queueing work that cannot be written. The queue is bounded in rows: past the bound,
+`submit()` raises `Overloaded` at once and enqueues nothing.
+
+Metric names map to 2-byte ids through `telemetry_metric` (cached in process); a device may
+report at most TELEMETRY_MAX_METRICS_PER_DEVICE distinct metrics: points of new metrics past
+the cap are rejected (`metric_cardinality_exceeded`), the rest of the frame is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from telemetry import conf
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+_PG_EPOCH_MS = 946_684_800_000  # 2000-01-01T00:00:00Z, the origin of binary timestamptz
+# One binary COPY tuple: field count, then (length, value) for time (µs since 2000), device_id
+# (int4), metric_id (int2), value (float8). Packing it ourselves is ~3× cheaper than building a
+# datetime per point for write_row(), and is byte-for-byte what write_row() would send.
+_ROW = struct.Struct(">hiqiiihid")
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+_COPY_SQL = "COPY telemetry_point (time, device_id, metric_id, value) FROM STDIN (FORMAT BINARY)"
+
+REASON_CARDINALITY = "metric_cardinality_exceeded"
+REASON_CATALOG_FULL = "metric_catalog_full"
+REASON_INVALID = "invalid_point"
+
+# Keys of DATABASES[...]["OPTIONS"] that are Django's, not libpq's.
+_DJANGO_ONLY_OPTIONS = {"isolation_level", "server_side_binding", "pool", "assume_role", "cursor_factory"}
+
+
+class FlushFailed(Exception):
+    """The frame was not stored (database down, timeout, crash before commit): do not ack it."""
+
+
+class Overloaded(Exception):
+    """The flusher's queue is full; nothing was enqueued. Back off `retry_after_ms`."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"ingest queue full; retry after {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    status: Literal["stored", "duplicate", "conflict"]
+    rejected: list[tuple[int, str]]  # (position in the submitted `points` list, reason)
+
+
+@dataclass(eq=False)
+class _Frame:
+    device_id: int
+    seq: int
+    points: list[tuple[int, str, float]]
+    future: asyncio.Future
+    rejected: dict[int, str] = field(default_factory=dict)
+    payload: bytes = b""
+    rows: int = 0
+    min_t: int | None = None
+
+
+def connection_kwargs(settings_dict: dict) -> dict:
+    """libpq keyword arguments for a Django DATABASES entry."""
+    kwargs: dict[str, Any] = {
+        "dbname": settings_dict.get("NAME") or "postgres",
+        "user": settings_dict.get("USER") or None,
+        "password": settings_dict.get("PASSWORD") or None,
+        "host": settings_dict.get("HOST") or None,
+        "port": str(settings_dict["PORT"]) if settings_dict.get("PORT") else None,
+    }
+    for key, value in (settings_dict.get("OPTIONS") or {}).items():
+        if key not in _DJANGO_ONLY_OPTIONS:
+            kwargs[key] = value
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _django_settings_dict() -> dict:
+    from django.db import connections
+
+    return dict(connections["default"].settings_dict)
+
+
+class Flusher:
+    """Batches frames from every connection of this process into one COPY transaction per flush."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_rows: int | None = None,
+        flush_interval_ms: float | None = None,
+        max_queue_rows: int | None = None,
+        flush_timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
+        down_backoff_s: float | None = None,
+        max_metrics_per_device: int | None = None,
+        late_mark_s: float | None = None,
+        connections: int | None = None,
+        settings_dict: dict | Callable[[], dict] | None = None,
+    ) -> None:
+        self.max_batch_rows = max_batch_rows or conf.get("FLUSH_MAX_ROWS")
+        self.flush_interval = (flush_interval_ms if flush_interval_ms is not None else conf.get("FLUSH_INTERVAL_MS")) / 1000
+        self.max_queue_rows = max_queue_rows or conf.get("QUEUE_MAX_ROWS")
+        self.flush_timeout = flush_timeout_s or conf.get("FLUSH_TIMEOUT_S")
+        self.connect_timeout = connect_timeout_s or conf.get("CONNECT_TIMEOUT_S")
+        self.down_backoff = down_backoff_s if down_backoff_s is not None else conf.get("DOWN_BACKOFF_S")
+        self.max_metrics = max_metrics_per_device or conf.get("MAX_METRICS_PER_DEVICE")
+        self.late_mark_ms = int(1000 * (late_mark_s if late_mark_s is not None else conf.get("LATE_MARK_S")))
+        self._settings_dict = settings_dict or _django_settings_dict
+        self.connections = connections or conf.get("FLUSH_CONNECTIONS")
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._pending: list[_Frame] = []
+        self._pending_rows = 0
+        self._queued_rows = 0  # pending + being flushed: what the queue bound counts
+        self._first_at = 0.0
+        self._wakeup: asyncio.Event | None = None
+        self._full: asyncio.Event | None = None
+        self._closing = False
+        self._closed = False
+
+        self._conns: list[psycopg.AsyncConnection | None] = [None] * self.connections
+        self._slots: asyncio.Queue[int] | None = None
+        self._inflight: set[asyncio.Task] = set()
+        self._backend: str | None = None
+        self._down_until = 0.0
+        self._last_error: BaseException | None = None
+        self._metric_ids: dict[str, int] = {}
+        self._device_metrics: dict[int, set[int]] = {}
+        self._known_days: set[int] = set()
+        self._rate = 50_000.0  # rows/s, smoothed; only used for retry_after_ms hints
+
+        # Test hook: awaited inside the transaction after the COPY, before the commit.
+        self._before_commit: Callable[[], Awaitable[None]] | None = None
+
+        self.stats = {"flushes": 0, "frames": 0, "rows": 0, "failures": 0}
+
+    # ------------------------------------------------------------------ public API
+
+    async def submit(self, *, device_id: int, seq: int, points: list[tuple[int, str, float]]) -> IngestResult:
+        """Store one frame exactly once; returns after its transaction committed.
+
+        Raises Overloaded (nothing enqueued) when the queue is full, FlushFailed when the frame
+        could not be stored (nothing of it was committed)."""
+        loop = asyncio.get_running_loop()
+        if self._closing or self._closed:
+            raise FlushFailed("the ingest flusher is shutting down")
+        if self._loop is None:
+            self._start(loop)
+        elif self._loop is not loop:
+            raise RuntimeError("a Flusher serves one event loop; use get_flusher() in each loop")
+        now = loop.time()
+        if now < self._down_until:
+            raise FlushFailed(f"database unavailable ({self._last_error}); retry later")
+        n = len(points)
+        if self._queued_rows and self._queued_rows + n > self.max_queue_rows:
+            raise Overloaded(self._retry_after_ms())
+        frame = _Frame(device_id=device_id, seq=seq, points=points, future=loop.create_future())
+        if not self._pending:
+            self._first_at = now
+            self._wakeup.set()
+        self._pending.append(frame)
+        self._pending_rows += n
+        self._queued_rows += n
+        if self._pending_rows >= self.max_batch_rows:
+            self._full.set()
+        # Shielded: if the caller goes away, the frame is still written and its outcome dropped.
+        return await asyncio.shield(frame.future)
+
+    async def close(self) -> None:
+        """Flush what is queued, then stop and close the connection."""
+        if self._closed:
+            return
+        self._closing = True
+        if self._task is not None:
+            self._wakeup.set()
+            self._full.set()
+            await self._task
+        for slot in range(self.connections):
+            await self._drop_connection(slot)
+        self._closed = True
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    # ------------------------------------------------------------------ loop
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
+        self._slots = asyncio.Queue()
+        for slot in range(self.connections):
+            self._slots.put_nowait(slot)
+        self._task = loop.create_task(self._run(), name="telemetry-flusher")
+
+    def _retry_after_ms(self) -> int:
+        return int(min(5000, max(50, 1000 * self._queued_rows / max(self._rate, 1.0))))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    if self._inflight:
+                        await asyncio.wait(self._inflight)
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._pending_rows < self.max_batch_rows and not self._closing:
+                delay = self._first_at + self.flush_interval - loop.time()
+                if delay > 0:
+                    self._full.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._full.wait(), delay)
+            # Up to `connections` flushes run at once (the server has more than one core). The
+            # next one starts only once this one holds its cursor-row locks: a device's frame
+            # N+1 in a later batch then waits for frame N's transaction instead of overtaking it.
+            slot = await self._slots.get()
+            batch = self._take()
+            if not batch:
+                self._slots.put_nowait(slot)
+                continue
+            if self._pending:
+                self._first_at = loop.time()
+            locked = loop.create_future()
+            task = loop.create_task(self._flush(batch, slot, locked))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            await asyncio.wait([locked, task], return_when=asyncio.FIRST_COMPLETED)
+
+    def _take(self) -> list[_Frame]:
+        """Whole frames from the front of the queue, up to max_batch_rows (at least one frame)."""
+        rows = count = 0
+        for frame in self._pending:
+            n = len(frame.points)
+            if count and rows + n > self.max_batch_rows:
+                break
+            rows += n
+            count += 1
+        batch = self._pending[:count]
+        del self._pending[:count]
+        self._pending_rows -= rows
+        return batch
+
+    async def _flush(self, batch: list[_Frame], slot: int, locked: asyncio.Future) -> None:
+        rows = sum(len(f.points) for f in batch)
+        started = time.perf_counter()
+        try:
+            results = await asyncio.wait_for(self._flush_once(batch, slot, locked), self.flush_timeout)
+        except Exception as exc:  # noqa: BLE001 -- any failure means "nothing committed": fail the frames, keep serving
+            self.stats["failures"] += 1
+            self._last_error = exc
+            log.warning("telemetry flush of %d frames failed: %r", len(batch), exc)
+            await self._drop_connection(slot)
+            self._down_until = asyncio.get_running_loop().time() + self.down_backoff
+            error = FlushFailed(f"not stored: {exc!r}")
+            for frame in batch:
+                if not frame.future.done():
+                    frame.future.set_exception(error)
+                if not frame.future.cancelled():
+                    # The caller may be gone (cancelled): mark it retrieved so asyncio does not warn.
+                    frame.future.exception()
+        else:
+            elapsed = max(time.perf_counter() - started, 1e-4)
+            self._rate = 0.8 * self._rate + 0.2 * (rows / elapsed)
+            self.stats["flushes"] += 1
+            self.stats["frames"] += len(batch)
+            self.stats["rows"] += rows
+            for frame, result in results:
+                if not frame.future.done():
+                    frame.future.set_result(result)
+        finally:
+            self._queued_rows -= rows
+            self.stats["busy_s"] = self.stats.get("busy_s", 0.0) + time.perf_counter() - started
+            if not locked.done():
+                locked.set_result(None)
+            self._slots.put_nowait(slot)
+
+    # ------------------------------------------------------------------ database
+
+    async def _connection(self, slot: int) -> psycopg.AsyncConnection:
+        conn = self._conns[slot]
+        if conn is not None and not conn.closed:
+            return conn
+        settings_dict = self._settings_dict() if callable(self._settings_dict) else self._settings_dict
+        kwargs = connection_kwargs(settings_dict)
+        timeout_ms = int(self.flush_timeout * 1000)
+        kwargs["options"] = f"{kwargs.get('options', '')} -c statement_timeout={timeout_ms}".strip()
+        conn = self._conns[slot] = await asyncio.wait_for(
+            psycopg.AsyncConnection.connect(
+                autocommit=True, connect_timeout=max(1, int(self.connect_timeout)), application_name="telemetry-flusher",
+                **kwargs,
+            ),
+            self.connect_timeout + 1,
+        )
+        if self._backend is None:
+            # A partitioned table is the plain backend; a hypertable is an ordinary table to pg_class.
+            cur = await conn.execute("SELECT relkind FROM pg_class WHERE oid = 'telemetry_point'::regclass")
+            self._backend = "postgres" if (await cur.fetchone())[0] == "p" else "timescale"
+        return conn
+
+    async def _drop_connection(self, slot: int) -> None:
+        conn, self._conns[slot] = self._conns[slot], None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except Exception:  # the connection is already broken; closing is best effort
+                log.debug("closing a broken flusher connection failed", exc_info=True)
+
+    async def _resolve_metrics(self, conn: psycopg.AsyncConnection, names: set[str]) -> None:
+        missing = sorted(n for n in names if n not in self._metric_ids)
+        if not missing:
+            return
+        cur = await conn.execute("SELECT name, id FROM telemetry_metric WHERE name = ANY(%s)", [missing])
+        found = dict(await cur.fetchall())
+        new = [n for n in missing if n not in found]
+        if new:
+            try:
+                # Sorted, so two processes adding the same names cannot deadlock on the unique index.
+                await conn.execute(
+                    "INSERT INTO telemetry_metric (name, created_at) SELECT unnest(%s::text[]), now() "
+                    "ON CONFLICT (name) DO NOTHING",
+                    [new],
+                )
+            except pg_errors.SequenceGeneratorLimitExceeded:
+                log.error("telemetry_metric is full (32767 names): new metric names are rejected")
+            cur = await conn.execute("SELECT name, id FROM telemetry_metric WHERE name = ANY(%s)", [new])
+            found.update(await cur.fetchall())
+        self._metric_ids.update(found)
+
+    async def _ensure_partitions(self, conn: psycopg.AsyncConnection, batch: list[_Frame]) -> None:
+        days: set[int] = set()
+        for frame in batch:
+            if frame.min_t is not None:
+                # Frames span seconds, rarely a day boundary: look at each point only when they might.
+                lo, hi = frame.min_t // DAY_MS, max(p[0] for p in frame.points) // DAY_MS
+                days.update(range(lo, hi + 1))
+        for day in sorted(days - self._known_days):
+            # Its own autocommit transaction, before the flush's: the DDL lock is held only briefly.
+            await conn.execute("SELECT telemetry_ensure_partition(%s)", [dt.date(1970, 1, 1) + dt.timedelta(days=day)])
+            self._known_days.add(day)
+
+    def _encode(self, frame: _Frame) -> None:
+        """Pre-encode the frame's COPY rows (outside the transaction)."""
+        ids = self._metric_ids
+        pack = _ROW.pack
+        dev = frame.device_id
+        rejected = frame.rejected
+        parts = []
+        min_t = None
+        try:
+            for i, (t, name, value) in enumerate(frame.points):
+                if rejected and i in rejected:
+                    continue
+                parts.append(pack(4, 8, (t - _PG_EPOCH_MS) * 1000, 4, dev, 2, ids[name], 8, value))
+                if min_t is None or t < min_t:
+                    min_t = t
+        except (struct.error, TypeError, KeyError, ValueError):
+            # A point the consumer should have rejected: reject it here, one by one, keep the rest.
+            parts = []
+            min_t = None
+            for i, point in enumerate(frame.points):
+                if rejected and i in rejected:
+                    continue
+                try:
+                    t, name, value = point
+                    parts.append(pack(4, 8, (int(t) - _PG_EPOCH_MS) * 1000, 4, dev, 2, ids[name], 8, float(value)))
+                    min_t = int(t) if min_t is None else min(min_t, int(t))
+                except (struct.error, TypeError, KeyError, ValueError, OverflowError):
+                    unknown = isinstance(point, tuple | list) and len(point) == 3 and point[1] not in ids
+                    rejected[i] = REASON_CATALOG_FULL if unknown else REASON_INVALID
+        frame.payload = b"".join(parts)
+        frame.rows = len(parts)
+        frame.min_t = min_t
+
+    async def _flush_once(self, batch: list[_Frame], slot: int,
+                          locked: asyncio.Future) -> list[tuple[_Frame, IngestResult]]:
+        conn = await self._connection(slot)
+        await self._resolve_metrics(conn, {p[1] for f in batch for p in f.points if isinstance(p[1], str)})
+        for frame in batch:
+            self._encode(frame)
+        if self._backend == "postgres":
+            await self._ensure_partitions(conn, batch)
+
+        # Each device's contiguous run of frames; repeats and frames after a gap are resolved
+        # from the cursor afterwards (duplicate or conflict) and store nothing now.
+        runs: dict[int, list[_Frame]] = {}
+        leftovers: list[_Frame] = []
+        for frame in sorted(batch, key=lambda f: (f.device_id, f.seq)):
+            run = runs.get(frame.device_id)
+            if run is None:
+                runs[frame.device_id] = [frame]
+            elif frame.seq == run[-1].seq + 1:
+                run.append(frame)
+            else:
+                leftovers.append(frame)
+        devices = sorted(runs)
+        now_ms = int(time.time() * 1000)
+
+        async with conn.transaction():
+            cur = conn.cursor()
+            await cur.execute(
+                "SELECT device_id FROM fleet_uplinkcursor WHERE device_id = ANY(%s) ORDER BY device_id FOR UPDATE",
+                [devices],
+            )
+            locked.set_result(None)
+            await cur.execute(
+                "UPDATE fleet_uplinkcursor AS c SET last_acked_seq = v.e "
+                "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS v(d, s, e) "
+                "WHERE c.device_id = v.d AND c.last_acked_seq = v.s - 1 RETURNING c.device_id",
+                [devices, [runs[d][0].seq for d in devices], [runs[d][-1].seq for d in devices]],
+            )
+            advanced = {row[0] for row in await cur.fetchall()}
+            stored = [f for d in devices if d in advanced for f in runs[d]]
+            new_pairs = await self._check_cardinality(cur, advanced, runs)
+
+            late: set[tuple[int, int]] = set()
+            if self._backend == "postgres":
+                cutoff = now_ms - self.late_mark_ms
+                for frame in stored:
+                    if frame.min_t is not None and frame.min_t < cutoff:
+                        late.update((frame.device_id, p[0] // HOUR_MS) for p in frame.points if p[0] < cutoff)
+            if late:
+                # Markers commit with the points: the rollup job re-aggregates these hours.
+                pairs = sorted(late)
+                await cur.execute(
+                    "INSERT INTO telemetry_late (device_id, hour) "
+                    "SELECT d, to_timestamp(h * 3600) FROM unnest(%s::int[], %s::bigint[]) AS m(d, h) "
+                    # DO UPDATE, not DO NOTHING: it locks an existing marker, so the rollup job
+                    # cannot delete it while this transaction's points are still invisible to it.
+                    "ON CONFLICT (device_id, hour) DO UPDATE SET hour = EXCLUDED.hour",
+                    [[p[0] for p in pairs], [p[1] for p in pairs]],
+                )
+            if any(f.rows for f in stored):
+                async with cur.copy(_COPY_SQL) as copy:
+                    await copy.write(_COPY_HEADER)
+                    for frame in stored:
+                        if frame.rows:
+                            await copy.write(frame.payload)
+                    await copy.write(_COPY_TRAILER)
+
+            others = [f for d in devices if d not in advanced for f in runs[d]] + leftovers
+            positions: dict[int, int] = {}
+            if others:
+                await cur.execute(
+                    "SELECT device_id, last_acked_seq FROM fleet_uplinkcursor WHERE device_id = ANY(%s)",
+                    [sorted({f.device_id for f in others})],
+                )
+                positions = dict(await cur.fetchall())
+            if self._before_commit is not None:
+                await self._before_commit()
+
+        # Committed.
+        for device_id, metric_ids in new_pairs.items():
+            self._device_metrics.setdefault(device_id, set()).update(metric_ids)
+        results = []
+        for frame in stored:
+            results.append((frame, IngestResult("stored", sorted(frame.rejected.items()))))
+        for frame in others:
+            position = positions.get(frame.device_id)
+            status = "duplicate" if position is not None and frame.seq <= position else "conflict"
+            results.append((frame, IngestResult(status, [])))
+        return results
+
+    async def _check_cardinality(self, cur: psycopg.AsyncCursor, advanced: set[int],
+                                 runs: dict[int, list[_Frame]]) -> dict[int, set[int]]:
+        """Enforce the per-device metric cap for the devices being stored (their cursor rows are
+        locked, so no other process adds metrics to them meanwhile). Returns pairs added."""
+        ids = self._metric_ids
+        wanted: dict[int, list[int]] = {}
+        for device_id in advanced:
+            known = self._device_metrics.get(device_id, set())
+            seen: dict[int, None] = {}
+            for frame in runs[device_id]:
+                for i, point in enumerate(frame.points):
+                    mid = ids.get(point[1]) if i not in frame.rejected else None
+                    if mid is not None and mid not in known:
+                        seen[mid] = None
+            if seen:
+                wanted[device_id] = list(seen)
+        if not wanted:
+            return {}
+        if len(self._device_metrics) > 200_000:  # bound the cache; it refills from the table
+            self._device_metrics.clear()
+        await cur.execute(
+            "SELECT device_id, metric_id FROM telemetry_devicemetric WHERE device_id = ANY(%s)", [sorted(wanted)]
+        )
+        existing: dict[int, set[int]] = {d: set() for d in wanted}
+        for device_id, metric_id in await cur.fetchall():
+            existing[device_id].add(metric_id)
+        self._device_metrics.update(existing)
+        added: dict[int, set[int]] = {}
+        refused: dict[int, set[int]] = {}
+        for device_id, metric_ids in wanted.items():
+            have = existing[device_id]
+            room = self.max_metrics - len(have)
+            for mid in metric_ids:
+                if mid in have:
+                    continue
+                if room > 0:
+                    added.setdefault(device_id, set()).add(mid)
+                    room -= 1
+                else:
+                    refused.setdefault(device_id, set()).add(mid)
+        if added:
+            pairs = sorted((d, m) for d, ms in added.items() for m in ms)
+            await cur.execute(
+                "INSERT INTO telemetry_devicemetric (device_id, metric_id, first_seen) "
+                "SELECT d, m, now() FROM unnest(%s::bigint[], %s::smallint[]) AS p(d, m) ON CONFLICT DO NOTHING",
+                [[p[0] for p in pairs], [p[1] for p in pairs]],
+            )
+        for device_id, metric_ids in refused.items():
+            for frame in runs[device_id]:
+                hit = False
+                for i, point in enumerate(frame.points):
+                    if i not in frame.rejected and ids.get(point[1]) in metric_ids:
+                        frame.rejected[i] = REASON_CARDINALITY
+                        hit = True
+                if hit:
+                    self._encode(frame)
+        return added
+
+
+_instance: Flusher | None = None
+
+
+def get_flusher() -> Flusher:
+    """This process's flusher, created on first use on the running event loop."""
+    global _instance
+    loop = asyncio.get_running_loop()
+    if _instance is None or _instance._closed or _instance._closing or (
+        _instance._loop is not None and _instance._loop is not loop
+    ):
+        _instance = Flusher()
+        _instance._start(loop)
+    return _instance
