@@ -32,7 +32,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import DataError, transaction
 
 from agent_stub import protocol as p
 from console.presence import presence
@@ -546,7 +546,7 @@ def apply_durable(device_id: int, seq: int, kind: str, payload: Any) -> str | tu
                 return "duplicate" if seq <= position else "conflict"
             APPLY[kind](device_id, payload)
         return "stored"
-    except (DomainError, ValidationError) as exc:
+    except (DomainError, ValidationError, DataError) as exc:
         # The frame is well-formed but its content is refused: record the refusal, advance
         # the cursor (the agent must not resend it forever) and report it in the ack.
         with transaction.atomic():

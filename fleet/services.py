@@ -238,8 +238,11 @@ def device_unpin(*, actor: Any, device: Device, component: str) -> Device:
 def device_report_state(*, device_id: int, installed: dict, capabilities: dict) -> None:
     """Apply an agent's `state` frame: installed versions and capabilities (tier recomputed)."""
     device = Device.objects.select_for_update().get(pk=device_id)
-    device.installed_versions = {**device.installed_versions, **clean_versions(installed, what="installed")}
+    # Components this console does not manage are ignored (forward compatibility).
+    known = {k: v for k, v in installed.items() if k in COMPONENTS}
+    device.installed_versions = {**device.installed_versions, **clean_versions(known, what="installed")}
     _apply_capabilities(device, {k: v for k, v in capabilities.items() if k in CAPABILITY_FIELDS})
+    device.full_clean(validate_unique=False, validate_constraints=False)
     device.save()
 
 
