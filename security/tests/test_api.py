@@ -129,3 +129,20 @@ def test_a_learned_baseline_is_enforced_only_after_approval(admin_api):
     response = admin_api.post(f"/api/v1/security/attestation/policies/{policy.pk}/approve/")
     assert response.status_code == 200 and response.json()["state"] == "active"
     assert AttestationPolicy.objects.get(pk=policy.pk).approved_by == "alice-admin"
+
+
+def test_attestation_fresh_keeps_only_recent_affirming_devices():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from security.models import AttestationResult, DeviceTrust
+    from security.selectors import attestation_fresh
+
+    fresh, stale, warned = make_device(), make_device(), make_device()
+    for device, status, age in ((fresh, "affirming", 10), (stale, "affirming", 7200), (warned, "warning", 10)):
+        result = AttestationResult.objects.create(device=device, format="tpm2-quote", status=status,
+                                                  verifier_version="t", evidence_sha256="0" * 64)
+        DeviceTrust.objects.create(device=device, state="trusted", last_result=result,
+                                   last_attested_at=timezone.now() - timedelta(seconds=age))
+    assert attestation_fresh(device_ids=[fresh.id, stale.id, warned.id], max_age_s=3600) == {fresh.id}
