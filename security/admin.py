@@ -133,7 +133,7 @@ class DeviceTrustAdmin(admin.ModelAdmin):
         return request.user.has_perm("security.request_attestation")
 
     @admin.action(description="Attest selected devices now", permissions=["attest"])
-    def attest_now(self, request: HttpRequest, queryset) -> None:  # noqa: ANN001
+    def attest_now(self, request: HttpRequest, queryset) -> None:
         for trust in queryset.select_related("device"):
             attestation.attestation_request(actor=request.user, device=trust.device)
         self.message_user(request, f"Challenges sent to {queryset.count()} device(s) (connected ones answer).")
@@ -156,7 +156,7 @@ class TpmIdentityAdmin(admin.ModelAdmin):
         return request.user.has_perm("security.approve_ek")
 
     @admin.action(description="Approve the endorsement key (no valid certificate)", permissions=["approve_ek"])
-    def approve_ek(self, request: HttpRequest, queryset) -> None:  # noqa: ANN001
+    def approve_ek(self, request: HttpRequest, queryset) -> None:
         for identity in queryset.filter(ek_approved=False).select_related("device"):
             attestation.tpm_ek_approve(actor=request.user, device=identity.device)
 
@@ -172,7 +172,7 @@ class AttestationPolicyAdmin(admin.ModelAdmin):
         return False  # versions are immutable: write a new one (API) instead
 
     @admin.action(description="Approve learned baseline (enforce it)", permissions=["add"])
-    def approve(self, request: HttpRequest, queryset) -> None:  # noqa: ANN001
+    def approve(self, request: HttpRequest, queryset) -> None:
         for policy in queryset.filter(state=AttestationPolicy.State.PENDING_APPROVAL):
             attestation.policy_approve(actor=request.user, policy=policy)
 

@@ -12,7 +12,7 @@ from tests.agent.rawagent import RawAgent, in_db
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 
