@@ -43,3 +43,27 @@ try:
 except Exception:
     sys.exit(1)' "$1"
 }
+
+# stop_started: TERM every process group `make run` recorded, give them up to 10 s to
+# finish (the agents flush their outboxes, Celery finishes its task), then KILL the rest.
+stop_started() {
+  local dir="$RUN/pids" f
+  for f in "$dir"/*.pid; do
+    [ -f "$f" ] && { kill -TERM -- "-$(cat "$f")" 2>/dev/null || true; }
+  done
+  for _ in $(seq 100); do
+    local alive=0
+    for f in "$dir"/*.pid; do [ -f "$f" ] && pid_alive "$f" && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for f in "$dir"/*.pid; do
+    [ -f "$f" ] || continue
+    kill -KILL -- "-$(cat "$f")" 2>/dev/null || true; rm -f "$f"
+  done
+  return 0
+}
+
+# Which local services are running now (so a script stops only what it started).
+pg_running() { [ -f "$RUN/pg/data/postmaster.pid" ] && kill -0 "$(head -n 1 "$RUN/pg/data/postmaster.pid")" 2>/dev/null; }
+redis_running() { pid_alive "$RUN/redis/redis.pid"; }

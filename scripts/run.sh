@@ -16,6 +16,10 @@ if python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('$HO
   die "port $PORT on $HOST is in use by another program; run with PORT=8001 make run"
 fi
 
+# Stop on exit only the services this run starts; ones already running stay up.
+started_pg=0; started_redis=0
+[ -z "${DATABASE_URL:-}" ] && ! pg_running && started_pg=1
+[ -z "${REDIS_URL:-}" ] && ! redis_running && started_redis=1
 "$ROOT/scripts/services.sh" up
 cd "$ROOT"
 say "Migrating the database"
@@ -27,16 +31,10 @@ login="$("$PY" manage.py seed_demo 2>>"$LOGS/seed.log")"
 stop_all() {
   trap - INT TERM EXIT
   say "Stopping the console"
-  for f in "$PIDS"/*.pid; do
-    [ -f "$f" ] || continue
-    kill -TERM -- "-$(cat "$f")" 2>/dev/null || kill -TERM "$(cat "$f")" 2>/dev/null || true
-  done
-  sleep 1
-  for f in "$PIDS"/*.pid; do
-    [ -f "$f" ] || continue
-    kill -KILL -- "-$(cat "$f")" 2>/dev/null || true; rm -f "$f"
-  done
-  "$ROOT/scripts/services.sh" down
+  stop_started
+  [ "$started_redis" = 1 ] && "$ROOT/scripts/services.sh" down redis
+  [ "$started_pg" = 1 ] && "$ROOT/scripts/services.sh" down pg
+  return 0
 }
 trap stop_all INT TERM EXIT
 
@@ -45,6 +43,7 @@ start() {
   local name="$1"; shift
   setsid "$@" >"$LOGS/$name.log" 2>&1 &
   echo $! > "$PIDS/$name.pid"
+  disown  # we track it by pid file; no "Killed" job notices from bash
 }
 
 echo "$PORT" > "$RUN/web.port"

@@ -96,6 +96,12 @@ case "${1:-up}" in
     if [ -n "${DATABASE_URL:-}" ]; then say "Using DATABASE_URL from the environment"; else pg_up; fi
     if [ -n "${REDIS_URL:-}" ]; then say "Using REDIS_URL from the environment"; else redis_up; fi
     ;;
-  down) redis_down; pg_down ;;
-  *) die "usage: $0 up|down" ;;
+  down)
+    # `down` alone stops both; `down redis` / `down pg` stop one.
+    case "${2:-all}" in
+      redis) redis_down ;;
+      pg) pg_down ;;
+      *) redis_down; pg_down ;;
+    esac ;;
+  *) die "usage: $0 up | down [pg|redis]" ;;
 esac

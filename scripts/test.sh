@@ -3,12 +3,16 @@
 # PostgreSQL and Redis. Services this script started are stopped again at the end.
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
-started=0
-if [ -z "${DATABASE_URL:-}" ] && ! { [ -f "$RUN/pg/data/postmaster.pid" ] && pid_alive "$RUN/redis/redis.pid"; }; then
-  started=1
-fi
+started_pg=0; started_redis=0
+[ -z "${DATABASE_URL:-}" ] && ! pg_running && started_pg=1
+[ -z "${REDIS_URL:-}" ] && ! redis_running && started_redis=1
 "$ROOT/scripts/services.sh" up
-[ "$started" = 1 ] && trap '"$ROOT/scripts/services.sh" down' EXIT
+cleanup() {
+  [ "$started_redis" = 1 ] && "$ROOT/scripts/services.sh" down redis
+  [ "$started_pg" = 1 ] && "$ROOT/scripts/services.sh" down pg
+  return 0
+}
+trap cleanup EXIT
 say "Lint"
 .venv/bin/ruff check . || die "ruff found problems (see above)"
 .venv/bin/python manage.py collectstatic --noinput -v0
