@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-from rest_framework.test import APIClient
+from typing import TYPE_CHECKING
 
-from security.roles import ADMIN, OPERATOR, VIEWER, sync_roles
-from security.services import operator_upsert
+import pytest
+
+if TYPE_CHECKING:
+    from rest_framework.test import APIClient
+
+# Django-dependent imports happen inside the fixtures, so Django-free suites
+# (tests/agent_stub, tests/tpm) also run with `-p no:django`.
 
 
 @pytest.fixture
@@ -26,17 +30,17 @@ def _persona(role: str | None, username: str):
 
 @pytest.fixture
 def admin_user(roles):
-    return _persona(ADMIN, "alice-admin")[0]
+    return _persona("admin", "alice-admin")[0]
 
 
 @pytest.fixture
 def operator_user(roles):
-    return _persona(OPERATOR, "oscar-operator")[0]
+    return _persona("operator", "oscar-operator")[0]
 
 
 @pytest.fixture
 def viewer_user(roles):
-    return _persona(VIEWER, "vera-viewer")[0]
+    return _persona("viewer", "vera-viewer")[0]
 
 
 @pytest.fixture
@@ -46,6 +50,7 @@ def outsider_user(roles):
 
 def _client_for(user) -> APIClient:
     from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
 
     client = APIClient()
     token, _ = Token.objects.get_or_create(user=user)
@@ -55,6 +60,8 @@ def _client_for(user) -> APIClient:
 
 @pytest.fixture
 def anon_api() -> APIClient:
+    from rest_framework.test import APIClient
+
     return APIClient()
 
 
