@@ -15,11 +15,15 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 def roles(db):
+    from security.roles import sync_roles
+
     sync_roles()
 
 
 def _persona(role: str | None, username: str):
     from django.contrib.auth import get_user_model
+
+    from security.services import operator_upsert
 
     if role is None:
         user = get_user_model().objects.create_user(username=username, password="x-unused-x")
