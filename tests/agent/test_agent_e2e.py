@@ -13,6 +13,7 @@ from django.db import connection
 
 from agent_stub.client import Agent, Config
 from agent_stub.inference import AnomalyModel, BatchScorer
+from tests.agent.rawagent import in_db
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -147,3 +148,36 @@ def test_an_agent_offline_for_a_while_delivers_its_buffer_in_order_without_loss(
     assert cursors == last_seqs
 
 
+
+
+def test_an_agent_with_a_tpm_enrolls_and_is_attested_affirming(console_server, enrollment_token, swtpm_factory,
+                                                              tmp_path):
+    from agent_stub.tpm import Tpm
+    from security import attestation
+    from security.models import AttestationResult, TpmIdentity, TrustAnchor
+
+    device_tpm = swtpm_factory()
+    TrustAnchor.objects.create(name="swtpm root", tier="test", certificate_pem=device_tpm.root_ca_pem.decode())
+    TrustAnchor.objects.create(name="swtpm issuer", tier="intermediate", certificate_pem=device_tpm.issuer_ca_pem.decode())
+    reader = Tpm(device_tpm.spec)
+    attestation.policy_save(actor="test", name="golden", golden_pcrs=reader.read_pcrs(list(range(8))))
+    token = enrollment_token(auto_approve=True)
+
+    async def scenario() -> None:
+        agent = Agent(console_server.ws_url, tmp_path / "tpm-agent", enroll_token=token, device_uid="tpm-agent-1",
+                      tpm_spec=device_tpm.spec, backoff_start=0.2, backoff_cap=1)
+        task = asyncio.create_task(agent.run())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            done = await in_db(lambda: AttestationResult.objects.filter(device__uid="tpm-agent-1").exists())
+            if done:
+                break
+            await asyncio.sleep(0.3)
+        agent.stop()
+        await task
+
+    asyncio.run(scenario())
+    identity = TpmIdentity.objects.get(device__uid="tpm-agent-1")
+    assert identity.ek_approved and identity.ek_tier == "test"
+    result = AttestationResult.objects.get(device__uid="tpm-agent-1")
+    assert (result.format, result.status, result.failed_checks) == ("tpm2-quote", "affirming", [])
