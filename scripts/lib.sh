@@ -7,6 +7,18 @@ RUN="$ROOT/.run"
 ENVFILE="$ROOT/.env"
 PY="$ROOT/.venv/bin/python"
 
+# PostgreSQL runs as the `postgres` OS user when we are root, and that user must be able
+# to reach its data directory. A checkout under a private directory (mode 0700, e.g. a
+# mktemp -d) is not reachable, so the cluster then lives under /var/tmp instead, in a
+# folder named after this checkout.
+PGDIR="$RUN/pg"
+if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1; then
+  mkdir -p "$RUN"
+  if ! runuser -u postgres -- test -x "$RUN" 2>/dev/null; then
+    PGDIR="/var/tmp/edge-console-$(printf %s "$ROOT" | sha256sum | cut -c1-12)/pg"
+  fi
+fi
+
 say()  { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die()  { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
 is_root() { [ "$(id -u)" = 0 ]; }
@@ -65,5 +77,5 @@ stop_started() {
 }
 
 # Which local services are running now (so a script stops only what it started).
-pg_running() { [ -f "$RUN/pg/data/postmaster.pid" ] && kill -0 "$(head -n 1 "$RUN/pg/data/postmaster.pid")" 2>/dev/null; }
+pg_running() { [ -f "$PGDIR/data/postmaster.pid" ] && kill -0 "$(head -n 1 "$PGDIR/data/postmaster.pid")" 2>/dev/null; }
 redis_running() { pid_alive "$RUN/redis/redis.pid"; }

@@ -6,7 +6,7 @@
 # and nothing local is started for them.
 source "$(dirname "$0")/lib.sh"
 
-PGDIR="$RUN/pg"; RDIR="$RUN/redis"
+RDIR="$RUN/redis"
 
 pg_bin() { local d; d="$(pg_config --bindir 2>/dev/null || true)"
   for c in "$d" /usr/lib/postgresql/*/bin; do [ -x "$c/postgres" ] && { echo "$c"; return; }; done
@@ -19,18 +19,19 @@ pg_up() {
   local bin port pw; bin="$(pg_bin)"
   mkdir -p "$PGDIR"
   if [ ! -f "$PGDIR/data/PG_VERSION" ]; then
-    say "Creating a private PostgreSQL cluster in .run/pg"
+    say "Creating a private PostgreSQL cluster in ${PGDIR#"$ROOT/"}"
     pw="$(random_secret 24)"; port="$(free_port)"
     echo "$pw" > "$PGDIR/pwfile"; echo "$port" > "$PGDIR/port"
     mkdir -p "$PGDIR/data" "$PGDIR/sock"
     if is_root; then
-      chown -R postgres: "$PGDIR"
+      chmod 755 "$(dirname "$PGDIR")"
+      chown -R postgres: "$PGDIR"; chmod 600 "$PGDIR/pwfile"
       runuser -u postgres -- test -x "$PGDIR" \
-        || die "the postgres OS user cannot reach $PGDIR; clone the repository somewhere world-traversable (e.g. /srv or /work) or set DATABASE_URL"
+        || die "the postgres OS user cannot reach $PGDIR; set DATABASE_URL to a server you run, or clone elsewhere"
     fi
     as_pg "$bin/initdb" -D "$PGDIR/data" -U console --pwfile="$PGDIR/pwfile" \
       --auth=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8 >"$PGDIR/initdb.log" 2>&1 \
-      || die "initdb failed; see .run/pg/initdb.log"
+      || die "initdb failed; see $PGDIR/initdb.log"
     # Sized for a 2-core development box running the test suite and benchmarks.
     cat >>"$PGDIR/data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
@@ -49,7 +50,7 @@ CONF
   if ! as_pg "$bin/pg_ctl" -D "$PGDIR/data" status >/dev/null 2>&1; then
     say "Starting PostgreSQL on 127.0.0.1:$port"
     as_pg "$bin/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/postgres.log" -w -t 60 start >/dev/null \
-      || die "PostgreSQL did not start; see .run/pg/postgres.log"
+      || die "PostgreSQL did not start; see $PGDIR/postgres.log"
   fi
   PGPASSWORD="$pw" "$bin/psql" -h 127.0.0.1 -p "$port" -U console -d postgres -tAc \
     "SELECT 1 FROM pg_database WHERE datname='console'" | grep -q 1 \
