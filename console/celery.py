@@ -22,4 +22,5 @@ app.conf.beat_schedule = {
     "telemetry.refresh-rollups": {"task": "telemetry.tasks.refresh_rollups", "schedule": 60.0},
     "telemetry.evaluate-alerts": {"task": "telemetry.tasks.evaluate_alerts", "schedule": 60.0},
     "telemetry.apply-retention": {"task": "telemetry.tasks.apply_retention", "schedule": 6 * 3600.0},
+    "rollouts.tick": {"task": "rollouts.tasks.tick", "schedule": 5.0, "options": {"expires": 5.0}},
 }

@@ -14,6 +14,7 @@ api_v1 = [
     path("", include("fleet.api.urls")),
     path("telemetry/", include("telemetry.api.urls")),
     path("security/", include("security.api.urls")),
+    path("rollouts/", include("rollouts.api.urls")),
     path("schema/", SpectacularAPIView.as_view(permission_classes=[AllowAny]), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema", permission_classes=[AllowAny]), name="api-docs"),
     path("redoc/", SpectacularRedocView.as_view(url_name="api-schema", permission_classes=[AllowAny]), name="api-redoc"),

@@ -8,7 +8,7 @@ class SecurityConfig(AppConfig):
 
     def ready(self) -> None:
         from fleet import audit as audit_hook
-        from security import audit, roles
+        from security import audit, roles, throttle  # noqa: F401 -- throttle connects its signal receivers
 
         audit_hook.register_recorder(audit.record_entry)
         post_migrate.connect(roles.sync_roles_after_migrate, dispatch_uid="security.sync_roles")
