@@ -13,7 +13,7 @@ pg_bin() { local d; d="$(pg_config --bindir 2>/dev/null || true)"
   die "PostgreSQL server binaries not found (apt-get install postgresql)"; }
 
 # PostgreSQL refuses to run as root: run its tools as the `postgres` OS user then.
-as_pg() { if is_root; then runuser -u postgres -- "$@"; else "$@"; fi; }
+as_pg() { if is_root; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
 
 pg_up() {
   local bin port pw; bin="$(pg_bin)"
