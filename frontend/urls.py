@@ -6,7 +6,7 @@ from frontend.views import alerts, devices, overview, rollouts, security
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html", redirect_authenticated_user=True),
          name="login"),
-    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("logout/", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
     path("", overview.overview, name="overview"),
     path("devices/", devices.device_list, name="devices"),
     path("devices/_bulk/", devices.device_bulk, name="devices-bulk"),
@@ -24,4 +24,8 @@ urlpatterns = [
     path("alerts/rules/new/", alerts.rule_create, name="rule-create"),
     path("alerts/rules/<int:pk>/", alerts.rule_edit, name="rule-edit"),
     path("rollouts/", rollouts.rollouts_home, name="rollouts"),
+    path("rollouts/artifacts/", rollouts.artifact_upload, name="artifact-upload"),
+    path("rollouts/campaigns/", rollouts.campaign_create, name="campaign-create"),
+    path("rollouts/campaigns/<int:pk>/", rollouts.campaign_detail, name="campaign"),
+    path("rollouts/campaigns/<int:pk>/<str:verb>/", rollouts.campaign_control, name="campaign-control"),
 ]

@@ -1,0 +1,1 @@
+"""Dashboard pages: server-rendered, role-aware, reading through aggregate queries only."""
