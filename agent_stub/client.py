@@ -92,6 +92,43 @@ class RejectingOta:
         log.info("%s: rollout.cancel for %r (nothing in progress)", agent.device_uid, frame.get("execution_id"))
 
 
+class ManagedOta:
+    """OTA through ``agent_stub.ota.OtaManager``: signature, digest, A/B install, self-test,
+    health window, rollback; progress becomes durable ``rollout.status`` frames. A committed
+    model is loaded into the running agent."""
+
+    def __init__(self, agent: Agent) -> None:
+        from agent_stub.ota import OtaManager
+
+        self.agent = agent
+        self.manager = OtaManager(agent.state_dir, {}, report=self._report, install_hook=self._install)
+
+    async def _report(self, execution_id: Any, state: str, progress: int, error: dict[str, Any] | None) -> None:
+        self.agent.emit(P.rollout_status(None, execution_id, state, progress, error))
+
+    def _install(self, slot: Path, manifest: dict[str, Any]) -> None:
+        if manifest.get("kind") != "model":
+            return
+        models = sorted(slot.glob("*.onnx"))
+        if models:
+            self.agent.model = AnomalyModel(models[0])
+            if self.agent.scorer is None:
+                log.info("%s: now running model %s", self.agent.device_uid, self.agent.model.version)
+
+    def trust(self, keys: list[dict[str, Any]]) -> None:
+        trusted = {}
+        for key in keys:
+            with contextlib.suppress(P.ProtocolError, KeyError, TypeError):
+                trusted[str(key["key_id"])] = P.b64d(key["public_key"])
+        self.manager.set_trusted_keys(trusted)
+
+    async def on_offer(self, agent: Agent, frame: dict[str, Any]) -> None:
+        await self.manager.handle_offer(frame)
+
+    async def on_cancel(self, agent: Agent, frame: dict[str, Any]) -> None:
+        await self.manager.handle_cancel(frame)
+
+
 @dataclass
 class Stats:
     """Counters shared by the agents of one process (the simulator prints them)."""
@@ -289,7 +326,9 @@ class Agent:
         host = urlsplit(server_url).hostname or ""
         # websockets honours *_PROXY variables by default; loopback never goes through one.
         self.proxy = proxy if proxy is not None else (None if host in ("127.0.0.1", "localhost", "::1") else True)
-        self.ota: OtaHandler = RejectingOta()
+        # Installing updates needs somewhere to keep the A/B slots: in-memory agents (the
+        # simulator's benchmark mode) refuse offers instead.
+        self.ota: OtaHandler = ManagedOta(self) if self.state_dir is not None else RejectingOta()
         self.exit_code = EXIT_OK
         self.exit_message = ""
 
@@ -411,6 +450,8 @@ class Agent:
                 log.error("%s: %s", self.device_uid, stop)
                 self.outbox.close()
                 return self.exit_code
+        if isinstance(self.ota, ManagedOta):
+            await self.ota.manager.resume()  # finish or roll back an install a crash interrupted
         producer = asyncio.create_task(self._produce(), name=f"produce-{self.device_uid}")
         attempt = 0
         try:
@@ -631,6 +672,8 @@ class Agent:
         if self.config.heartbeat_s is None:
             self.heartbeat_s = float(welcome["heartbeat_s"])
         self.max_points = welcome["max_points"]
+        if isinstance(self.ota, ManagedOta):
+            self.ota.trust(welcome.get("artifact_keys") or [])
         log.info("%s: welcome status=%s last_acked_seq=%d", self.device_uid, self.status, welcome["last_acked_seq"])
         if self.status == "pending":
             # Only heartbeats until the operator approves; frames keep piling up on disk.

@@ -40,6 +40,8 @@ from fleet import push
 from fleet import services as fleet_services
 from fleet.errors import DomainError
 from fleet.models import DeviceCommand, DeviceStatus
+from rollouts import selectors as rollouts_selectors
+from rollouts import services as rollouts_services
 from security import attestation
 from security import services as security_services
 from security.tpm import verify as tpm_verify
@@ -48,6 +50,17 @@ log = logging.getLogger(__name__)
 
 # Frames a quarantined device may still receive (contract: attestation only).
 QUARANTINE_ALLOWED = {"attest.challenge", "attest.result", "error", "ack", "welcome"}
+
+
+def db(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """Run ORM code from the connection in a pool thread.
+
+    Not Channels' default single shared thread: with thousands of devices (re)connecting at
+    once, handshakes serialised on one thread back up past the 10 s handshake limit. Each
+    call is self-contained (its own transaction), and one connection awaits its calls in
+    order, so per-device ordering holds.
+    """
+    return database_sync_to_async(fn, thread_sensitive=False)
 
 
 def now_ms() -> int:
@@ -172,7 +185,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             self.acker.cancel()
         if self.session is not None:
             try:
-                await database_sync_to_async(fleet_services.presence_disconnected)(
+                await db(fleet_services.presence_disconnected)(
                     device_id=self.session.device_id, session=self.conn_id
                 )
             except Exception:
@@ -236,7 +249,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         try:
             if kind == "auth":
                 auth = p.validate_auth(frame)
-                session = await database_sync_to_async(security_services.device_authenticate)(
+                session = await db(security_services.device_authenticate)(
                     uid=auth.device_uid, nonce=self.nonce, signature=auth.sig
                 )
             elif kind == "enroll" and self.pending_enroll is None:
@@ -270,26 +283,30 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # Tell an older connection of this device (in any process) to step aside, then join.
         await self._layer_call("group_send", group, {"type": "device.replace", "channel": self.channel_name})
         await self._layer_call("group_add", group, self.channel_name)
-        await database_sync_to_async(fleet_services.presence_connected)(device_id=session.device_id,
-                                                                        session=self.conn_id)
+        # One trip to the database for everything a new session needs.
+        commands, challenge = await db(open_session)(device_id=session.device_id, session=self.conn_id,
+                                                     status=self.status)
         self.acker = asyncio.get_running_loop().create_task(self._ack_loop())
         await self._send_welcome()
-        await self._deliver_commands()
-        await self._challenge("connect")
+        for command in commands:
+            await self.send_frame(p.command(command_id=str(command.id), name=command.name, args=command.args))
+        if challenge is not None:
+            await self.send_frame(challenge)
+        await self._send_pending_offers()
 
     async def _enroll(self, enroll: p.Enroll, *, tpm: attestation.TpmEnrollment | None) -> Any:
-        return await database_sync_to_async(security_services.device_enroll)(
+        return await db(security_services.device_enroll)(
             secret=enroll.enrollment_token, uid=enroll.device_uid, public_key=enroll.public_key,
             nonce=self.nonce, signature=enroll.sig, hardware=enroll.hardware or {}, tpm=tpm,
         )
 
     async def _tpm_enrollment_begin(self, enroll: p.Enroll) -> None:
-        await database_sync_to_async(security_services.enroll_precheck)(
+        await db(security_services.enroll_precheck)(
             secret=enroll.enrollment_token, uid=enroll.device_uid, public_key=enroll.public_key,
             nonce=self.nonce, signature=enroll.sig,
         )
         try:
-            tpm = await database_sync_to_async(attestation.tpm_enrollment_begin)(
+            tpm = await db(attestation.tpm_enrollment_begin)(
                 ek_public=enroll.tpm.ek_pub, ek_certificate=enroll.tpm.ek_cert, ak_public=enroll.tpm.ak_pub
             )
         except DomainError as exc:
@@ -300,7 +317,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def _challenge(self, reason: str) -> None:
         if self.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
             return
-        frame = await database_sync_to_async(attestation.challenge_issue)(device_id=self.session.device_id,
+        frame = await db(attestation.challenge_issue)(device_id=self.session.device_id,
                                                                           reason=reason)
         await self.send_frame(frame)
 
@@ -313,7 +330,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except p.ProtocolError as exc:
             await self.send_frame(p.error(code=exc.code, message=exc.message))
             return
-        result = await database_sync_to_async(attestation.evidence_appraise)(
+        result = await db(attestation.evidence_appraise)(
             device_id=self.session.device_id, evidence=evidence
         )
         if result is None:
@@ -322,10 +339,18 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.send_frame(p.attest_result(str(evidence.challenge_id), result.status))
 
     async def _send_welcome(self) -> None:
+        keys = await db(rollouts_selectors.artifact_public_keys)()
         await self.send_frame(p.welcome(
             device_uid=self.session.uid, status=self.status, last_acked_seq=self.committed,
-            heartbeat_s=settings.AGENT_HEARTBEAT_S, max_points=settings.AGENT_MAX_POINTS, artifact_keys=[],
+            heartbeat_s=settings.AGENT_HEARTBEAT_S, max_points=settings.AGENT_MAX_POINTS, artifact_keys=keys,
         ))
+
+    async def _send_pending_offers(self) -> None:
+        """Offers the device missed while offline (or whose push was lost) — active devices only."""
+        if self.status != DeviceStatus.ACTIVE:
+            return
+        for offer in await db(rollouts_services.pending_offers)(device_id=self.session.device_id):
+            await self.send_frame(offer)
 
     async def _route(self, frame: dict) -> None:
         kind = frame["type"]
@@ -378,7 +403,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             else:
                 payload = p.validate_uplink(frame)[2]
                 item = Pending(seq=seq, accepted=1)
-                item.run = lambda: database_sync_to_async(apply_durable)(self.session.device_id, seq, kind, payload)
+                item.run = lambda: db(apply_durable)(self.session.device_id, seq, kind, payload)
         except p.ProtocolError as exc:
             await self.send_frame(p.error(code=exc.code, message=exc.message, seq=seq))
             return
@@ -456,7 +481,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.close_with(p.Close.REVOKED, p.error(code="revoked", message=event.get("reason", "revoked")))
 
     async def device_status(self, event: dict) -> None:
-        status = await database_sync_to_async(current_status)(self.session.device_id)
+        status = await db(current_status)(self.session.device_id)
         if status == DeviceStatus.DECOMMISSIONED:
             await self.close_with(p.Close.REVOKED, p.error(code="revoked", message="device decommissioned"))
             return
@@ -467,6 +492,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._deliver_commands()
             if was_pending:
                 await self._challenge("connect")
+            await self._send_pending_offers()
 
     async def device_commands(self, event: dict) -> None:
         await self._deliver_commands()
@@ -483,11 +509,22 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
             return
         allow = [DeviceCommand.Name.ATTEST] if self.status == DeviceStatus.QUARANTINED else None
-        commands = await database_sync_to_async(fleet_services.commands_claim_for_delivery)(
+        commands = await db(fleet_services.commands_claim_for_delivery)(
             device_id=self.session.device_id, allow=allow
         )
         for command in commands:
             await self.send_frame(p.command(command_id=str(command.id), name=command.name, args=command.args))
+
+
+def open_session(*, device_id: int, session: str, status: str) -> tuple[list[DeviceCommand], dict | None]:
+    """Mark the device online and gather what a fresh session is sent after `welcome`:
+    queued commands and an attestation challenge (active and quarantined devices only)."""
+    fleet_services.presence_connected(device_id=device_id, session=session)
+    if status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
+        return [], None
+    allow = [DeviceCommand.Name.ATTEST] if status == DeviceStatus.QUARANTINED else None
+    commands = fleet_services.commands_claim_for_delivery(device_id=device_id, allow=allow)
+    return commands, attestation.challenge_issue(device_id=device_id, reason="connect")
 
 
 def frame_indices(item: Pending, extra: list[tuple[int, str]]) -> list[dict]:
@@ -521,12 +558,7 @@ def _apply_command_result(device_id: int, payload: Any) -> None:
 
 
 def _apply_rollout_status(device_id: int, payload: Any) -> None:
-    try:
-        from rollouts.services import execution_report
-    except ImportError:
-        log.info("rollout.status from device %s ignored: rollouts not installed", device_id)
-        return
-    execution_report(device_id=device_id, report=payload)
+    rollouts_services.execution_report(device_id=device_id, report=payload)
 
 
 APPLY = {

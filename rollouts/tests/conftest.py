@@ -1,0 +1,33 @@
+"""Fixtures for rollouts tests: a private media root, captured doorbells, no Celery kicks."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def media_root(settings, tmp_path):
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    settings.ROLLOUTS_DOWNLOAD_BASE_URL = "http://testserver"
+    return tmp_path / "media"
+
+
+@pytest.fixture(autouse=True)
+def no_kicks(monkeypatch):
+    """Event-driven steps would go through Celery; tests call the orchestrator themselves."""
+    kicks: list[int] = []
+    monkeypatch.setattr("rollouts.orchestrator.kick", kicks.append)
+    return kicks
+
+
+@pytest.fixture
+def pushed(monkeypatch):
+    """Frames sent to devices through fleet.push, as (device_id, frame)."""
+    sent: list[tuple[int, dict]] = []
+
+    def capture(device_id, message):
+        if message.get("type") == "device.frame":
+            sent.append((device_id, message["frame"]))
+
+    monkeypatch.setattr("fleet.push.send_to_device", capture)
+    return sent
