@@ -176,6 +176,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Stable enum names where several fields share a name (component, kind).
+    "ENUM_NAME_OVERRIDES": {
+        "ComponentEnum": "rollouts.models.Kind",
+        "PinComponentEnum": "fleet.services.COMPONENTS",
+        "AlertRuleKindEnum": "telemetry.models.RuleKind",
+    },
 }
 
 # Capability tiers (fleet.tiers): tier 1 runs full models, tier 2 quantized ones,
