@@ -45,6 +45,7 @@ from rollouts import services as rollouts_services
 from security import attestation
 from security import services as security_services
 from security.tpm import verify as tpm_verify
+from telemetry import conf as telemetry_conf
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.queue.put_nowait(item)
 
     def _retention_ms(self) -> int:
-        return int(getattr(settings, "TELEMETRY_RAW_RETENTION_DAYS", 30) * 86_400_000)
+        return int(telemetry_conf.get("RAW_RETENTION_DAYS") * 86_400_000)
 
     async def _submit(self, seq: int, points: list) -> asyncio.Future:
         from telemetry.ingest import Overloaded, get_flusher

@@ -111,3 +111,31 @@ def env_url(name: str, default: object = _MISSING, *, schemes: tuple[str, ...]) 
     except ValueError:
         raise ImproperlyConfigured(f"{name} has an invalid port") from None
     return value
+
+
+def prefixed_settings(*prefixes: str) -> dict[str, object]:
+    """Every environment variable starting with one of `prefixes`, as a settings value.
+
+    For the apps' knobs (telemetry.conf, rollouts.conf), whose defaults and meaning live
+    next to the code that uses them: integers and decimals become numbers, true/false
+    become booleans, anything else stays text. Each app's conf module checks the type
+    against its default and names the variable when it does not fit.
+    """
+    values: dict[str, object] = {}
+    for name, raw in os.environ.items():
+        if not name.startswith(prefixes) or raw == "":
+            continue
+        lowered = raw.strip().lower()
+        if lowered in ("true", "false"):
+            values[name] = lowered == "true"
+            continue
+        try:
+            values[name] = int(raw)
+            continue
+        except ValueError:
+            pass
+        try:
+            values[name] = float(raw)
+        except ValueError:
+            values[name] = raw
+    return values

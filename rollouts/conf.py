@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from django.conf import settings
@@ -29,7 +28,10 @@ def get(name: str) -> Any:
     default = DEFAULTS[name]
     value = getattr(settings, f"ROLLOUTS_{name}", None)
     if value is None:
-        value = os.environ.get(f"ROLLOUTS_{name}")
-    if value is None:
         return default
-    return type(default)(value)
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError):
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(f"ROLLOUTS_{name}={value!r} must be a {type(default).__name__}") from None

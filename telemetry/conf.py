@@ -52,4 +52,16 @@ DEFAULTS: dict[str, Any] = {
 
 
 def get(name: str) -> Any:
-    return getattr(settings, f"TELEMETRY_{name}", DEFAULTS[name])
+    default = DEFAULTS[name]
+    value = getattr(settings, f"TELEMETRY_{name}", default)
+    return _typed(f"TELEMETRY_{name}", value, default)
+
+
+def _typed(setting: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool) or value is None or default is None:
+        return value
+    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(f"{setting}={value!r} must be a number (default {default})")
+    return type(default)(value) if isinstance(default, (int, float)) else value

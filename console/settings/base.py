@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from console.env import env_bool, env_float, env_int, env_list, env_str, env_url, load_dotenv
+from console.env import env_bool, env_float, env_int, env_list, env_str, env_url, load_dotenv, prefixed_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 load_dotenv(BASE_DIR / ".env")
@@ -204,6 +204,9 @@ AGENT_PRESENCE_FLUSH_S = env_float("AGENT_PRESENCE_FLUSH_S", 5, minimum=0.05)
 SECURITY_ATTEST_INTERVAL_S = env_float("SECURITY_ATTEST_INTERVAL_S", 3600, minimum=10)
 SECURITY_CHALLENGE_TTL_S = env_float("SECURITY_CHALLENGE_TTL_S", 60, minimum=1)
 SECURITY_TPM_TRUST_DIR = env_str("SECURITY_TPM_TRUST_DIR", "")  # optional: <dir>/{manufacturer,test,intermediates}/*.pem
+
+# TELEMETRY_* and ROLLOUTS_* knobs (docs/telemetry.md, docs/rollouts.md) from the environment.
+globals().update(prefixed_settings("TELEMETRY_", "ROLLOUTS_"))
 
 LOGGING = {
     "version": 1,
