@@ -254,7 +254,7 @@ def test_commands_get_durable_results_and_reboot_reconnects(tmp_path: Path) -> N
     run(scenario)
 
 
-def test_rollout_offer_is_rejected_as_not_supported(tmp_path: Path) -> None:
+def test_an_offer_signed_by_an_untrusted_key_is_rejected_as_signature_invalid(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running() as server:
             agent = fast_agent(server, tmp_path / "dev")
@@ -274,7 +274,7 @@ def test_rollout_offer_is_rejected_as_not_supported(tmp_path: Path) -> None:
             await task
             status = P.validate_rollout_status(statuses()[0])
             assert (status.execution_id, status.state) == ("ex-9", "rejected")
-            assert status.error is not None and status.error.code == "not_supported"
+            assert status.error is not None and status.error.code == "signature_invalid"
 
     run(scenario)
 
