@@ -16,6 +16,15 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even by SIGKILL, so a killed
+    test run leaves no server behind (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,7 +67,7 @@ class ConsoleServer:
             [sys.executable, "-m", "uvicorn", "console.asgi:application", "--host", "127.0.0.1", "--port",
              str(self.port), "--ws", "websockets-sansio", "--ws-per-message-deflate", "false", "--lifespan", "off",
              "--no-access-log", "--ws-max-size", str(1024 * 1024)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -46,7 +46,7 @@ def console_server(transactional_db, clean_series):
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     # A missing browser is a failure, not a skip: these tests are the dashboard's proof.
     assert CHROMIUM.exists(), "Debian's chromium is required: apt-get install -y chromium"
@@ -54,6 +54,7 @@ def browser():
 
     # Playwright's sync API keeps an event loop running in this thread; Django's guard would
     # then refuse the tests' own (synchronous) database calls. Lifted only while the browser lives.
+    # Package scope: the loop must be gone before other packages' tests call asyncio.run().
     previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     with sync_playwright() as pw:
