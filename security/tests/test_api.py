@@ -146,3 +146,44 @@ def test_attestation_fresh_keeps_only_recent_affirming_devices():
         DeviceTrust.objects.create(device=device, state="trusted", last_result=result,
                                    last_attested_at=timezone.now() - timedelta(seconds=age))
     assert attestation_fresh(device_ids=[fresh.id, stale.id, warned.id], max_age_s=3600) == {fresh.id}
+
+
+def test_trusted_devices_become_suspect_when_attestation_is_overdue_and_due_ones_are_challenged(settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from security import attestation
+    from security.models import AttestationChallenge, DeviceTrust
+
+    late, recent = make_device(), make_device()
+    DeviceTrust.objects.create(device=late, state="trusted", last_attested_at=timezone.now() - timedelta(hours=3))
+    DeviceTrust.objects.create(device=recent, state="trusted", last_attested_at=timezone.now(),
+                               last_challenge_at=timezone.now())
+    assert attestation.mark_overdue(grace_s=7200) == 1
+    assert DeviceTrust.objects.get(device=late).state == "suspect"
+    assert DeviceTrust.objects.get(device=recent).state == "trusted"
+    from fleet.models import Device
+
+    Device.objects.filter(pk__in=[late.pk, recent.pk]).update(online=True)
+    assert attestation.challenges_due(interval_s=3600) == 1  # only the one not challenged lately
+    assert AttestationChallenge.objects.filter(device=late, reason="schedule").count() == 1
+
+
+def test_create_enrollment_token_prints_a_usable_secret_on_its_last_line(capsys):
+    from django.core.management import call_command
+
+    from security.models import EnrollmentToken
+    from security.services import token_digest
+    from tests.factories import make_site
+
+    make_site(slug="plant-7")
+    call_command("create_enrollment_token", "--auto-approve", "--site", "plant-7", "--uses", "3",
+                 "--expires-in", "2h", "--label", "line=l2")
+    secret = capsys.readouterr().out.strip().splitlines()[-1]
+    token = EnrollmentToken.objects.get(secret_hash=token_digest(secret))
+    assert (token.auto_approve, token.max_uses, token.site.slug, token.labels) == (True, 3, "plant-7", {"line": "l2"})
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="bad duration"):
+        call_command("create_enrollment_token", "--expires-in", "soon")

@@ -118,6 +118,16 @@ def test_a_pcr_extended_away_from_golden_quarantines_the_device_and_it_gets_noth
     latest = AttestationResult.objects.filter(device=device).first()
     assert latest.failed_checks == ["pcr.sha256.7"]
     assert DeviceTrust.objects.get(device=device).state == "quarantined"
+    # …and a quarantined device gets no rollout offer.
+    from rollouts import orchestrator
+    from rollouts import services as rollout_services
+    from rollouts.models import Execution
+    from rollouts.tests.helpers import make_artifact, make_campaign
+
+    campaign = make_campaign(make_artifact(), selector="model=tpm-box")
+    orchestrator.tick()
+    assert Execution.objects.get(campaign=campaign, device=device).state == "canceled"  # ineligible: quarantined
+    assert rollout_services.pending_offers(device_id=device.id) == []
 
 
 def test_software_claims_are_never_better_than_warning(console_server, enrollment_token):
