@@ -97,3 +97,10 @@ async def in_db(fn, *args, **kwargs):
             connection.close()
 
     return await sync_to_async(call)()
+
+
+def run(coro):
+    """Run one async scenario from a synchronous test."""
+    import asyncio
+
+    return asyncio.run(coro)

@@ -10,7 +10,7 @@ from fleet.models import Device
 from security import attestation
 from security.models import AttestationResult, DeviceTrust, TpmIdentity, TrustAnchor
 from security.tpm.verify import make_challenge_qualifying_data
-from tests.agent.rawagent import RawAgent, in_db, public_bytes
+from tests.agent.rawagent import RawAgent, in_db, public_bytes, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -154,7 +154,4 @@ def test_software_claims_are_never_better_than_warning(console_server, enrollmen
     assert results[0].self_reported and results[0].warnings == ["claims.self_reported"]
     assert results[1].failed_checks == ["challenge.reused"]
 
-
-def run(coro):
-    return asyncio.run(coro)
 

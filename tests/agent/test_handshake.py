@@ -11,13 +11,10 @@ from fleet import services as fleet_services
 from fleet.models import Device
 from security import services as security_services
 from security.models import DeviceKey
-from tests.agent.rawagent import RawAgent, in_db, public_bytes
+from tests.agent.rawagent import RawAgent, in_db, public_bytes, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def test_enroll_is_pending_until_an_operator_approves_then_welcome_says_active(console_server, enrollment_token):

@@ -1,19 +1,15 @@
 """Durable uplink over real sockets: acks follow commits, exactly-once, order, isolation."""
 
-import asyncio
 
 import pytest
 from django.db import connection
 
 from agent_stub import protocol as p
 from fleet.models import Device, UplinkCursor
-from tests.agent.rawagent import RawAgent, in_db
+from tests.agent.rawagent import RawAgent, in_db, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def stored_points(uid: str) -> list[tuple[int, str, float]]:
