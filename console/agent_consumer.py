@@ -499,6 +499,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self._deliver_commands()
 
     async def device_frame(self, event: dict) -> None:
+        if self.closed:
+            return  # the state behind the frame is re-sent when the device reconnects
         frame = event["frame"]
         if self.status == DeviceStatus.QUARANTINED and frame.get("type") not in QUARANTINE_ALLOWED:
             return
@@ -507,7 +509,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.send_frame(frame)
 
     async def _deliver_commands(self) -> None:
-        if self.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
+        if self.closed or self.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
             return
         allow = [DeviceCommand.Name.ATTEST] if self.status == DeviceStatus.QUARANTINED else None
         commands = await db(fleet_services.commands_claim_for_delivery)(
@@ -524,7 +526,7 @@ def open_session(*, device_id: int, session: str, status: str) -> tuple[list[Dev
     if status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
         return [], None
     allow = [DeviceCommand.Name.ATTEST] if status == DeviceStatus.QUARANTINED else None
-    commands = fleet_services.commands_claim_for_delivery(device_id=device_id, allow=allow)
+    commands = fleet_services.commands_claim_for_delivery(device_id=device_id, allow=allow, include_unanswered=True)
     return commands, attestation.challenge_issue(device_id=device_id, reason="connect")
 
 

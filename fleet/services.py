@@ -337,17 +337,25 @@ def command_issue(*, actor: Any, device: Device, name: str, args: dict | None = 
     return command
 
 
-def commands_claim_for_delivery(*, device_id: int, allow: Iterable[str] | None = None) -> list[DeviceCommand]:
-    """Queued, unexpired commands for a connected device, marked sent in one UPDATE."""
+def commands_claim_for_delivery(*, device_id: int, allow: Iterable[str] | None = None,
+                                include_unanswered: bool = False) -> list[DeviceCommand]:
+    """Unexpired commands for a connected device, marked sent in one UPDATE.
+
+    With `include_unanswered` (a new session), commands sent before but never answered are
+    sent again: the earlier connection may have died with them in flight. Delivery is
+    at-least-once; agents answer each command id once.
+    """
     now = timezone.now()
-    DeviceCommand.objects.filter(device_id=device_id, state=DeviceCommand.State.QUEUED, expires_at__lte=now).update(
+    live = [DeviceCommand.State.QUEUED, DeviceCommand.State.SENT]
+    DeviceCommand.objects.filter(device_id=device_id, state__in=live, expires_at__lte=now).update(
         state=DeviceCommand.State.EXPIRED, completed_at=now
     )
-    queued = DeviceCommand.objects.filter(device_id=device_id, state=DeviceCommand.State.QUEUED)
+    queued = DeviceCommand.objects.filter(device_id=device_id,
+                                          state__in=live if include_unanswered else live[:1])
     if allow is not None:
         queued = queued.filter(name__in=list(allow))
     commands = list(queued.order_by("created_at")[:100])
-    DeviceCommand.objects.filter(id__in=[c.id for c in commands], state=DeviceCommand.State.QUEUED).update(
+    DeviceCommand.objects.filter(id__in=[c.id for c in commands], state__in=live).update(
         state=DeviceCommand.State.SENT, sent_at=now
     )
     return commands
