@@ -123,7 +123,7 @@ def test_server_killed_mid_stream_then_restarted_stores_every_point_exactly_once
         console_server.start()
         time.sleep(4)
         fleet.quiet()
-        assert fleet.wait_drained(120), f"outboxes did not drain: {[a.outbox.buffered for a in fleet.agents]}"
+        assert fleet.wait_drained(180), f"outboxes did not drain: {[a.outbox.buffered for a in fleet.agents]}"
     finally:
         fleet.stop()
     total = assert_stored_exactly_once(fleet.agents)

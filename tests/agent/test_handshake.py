@@ -292,3 +292,22 @@ def test_queued_commands_reach_the_device_and_results_are_recorded(console_serve
     run(scenario())
     command.refresh_from_db()
     assert command.state == "succeeded" and command.output == "sent state"
+
+
+def test_a_command_lost_with_its_connection_is_sent_again_on_the_next_session(console_server, enrollment_token):
+    token = enrollment_token(auto_approve=True)
+    agent = RawAgent(console_server.ws_url, "gw-13")
+
+    async def scenario():
+        await agent.enroll(token)
+        device = await in_db(Device.objects.get, uid="gw-13")
+        command = await in_db(fleet_services.command_issue, actor="test", device=device, name="reboot")
+        first = await agent.recv_type("command")
+        await agent.close()  # gone before answering
+        await agent.auth()
+        again = await agent.recv_type("command")
+        await agent.close()
+        return str(command.id), first["command_id"], again["command_id"]
+
+    issued, first, again = run(scenario())
+    assert issued == first == again
