@@ -75,7 +75,7 @@ async def drive(url: str, token: str, args: argparse.Namespace, server_pid: int)
 
     measuring = [False]
     scorer = BatchScorer(AnomalyModel())
-    config = dict(sample_hz=args.rate / 5, batch_points=args.batch, batch_s=max(1.0, args.batch / args.rate + 1))
+    config = {"sample_hz": args.rate / 5, "batch_points": args.batch, "batch_s": max(1.0, args.batch / args.rate + 1)}
     agents = [TimedAgent(url, None, enroll_token=token, device_uid=f"e2e-{i:05d}", scorer=scorer,
                          config=Config(**config), backoff_start=0.5, backoff_cap=5) for i in range(args.devices)]
     tasks = []
@@ -94,7 +94,10 @@ async def drive(url: str, token: str, args: argparse.Namespace, server_pid: int)
     await asyncio.gather(*tasks, return_exceptions=True)
     connected = sum(1 for a in agents if a.stats.welcomed)
     latencies.sort()
-    pct = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan"))
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
+
     return {"points": acked[0], "wall": wall, "p50": pct(0.50), "p99": pct(0.99), "frames": len(latencies),
             "agents_cpu": cpu, "server_cpu": srv, "connected": connected,
             "mean": statistics.fmean(latencies) if latencies else float("nan")}
@@ -139,8 +142,8 @@ def main() -> None:
               f"{r['points'] / r['wall']:,.0f} points/s ({r['frames']:,} frames)")
         print(f"ack latency (send → ack): p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, "
               f"mean {r['mean'] * 1000:.0f} ms")
-        print(f"CPU: server {100 * r['server_cpu'] / r['wall']:.0f}% of a core, agents {100 * r['agents_cpu'] / r['wall']:.0f}%"
-              f" of a core (PostgreSQL not counted)")
+        server_pct, agents_pct = 100 * r["server_cpu"] / r["wall"], 100 * r["agents_cpu"] / r["wall"]
+        print(f"CPU: server {server_pct:.0f}% of a core, agents {agents_pct:.0f}% of a core (PostgreSQL not counted)")
     finally:
         if server is not None:
             server.stop()
