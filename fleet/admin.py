@@ -8,7 +8,7 @@ from django.http import HttpRequest
 
 from fleet import services
 from fleet.errors import DomainError
-from fleet.models import Device, DeviceGroup, Site
+from fleet.models import Device, DeviceCommand, DeviceGroup, Site, UplinkCursor
 
 
 @admin.register(Site)
@@ -135,3 +135,32 @@ class DeviceGroupAdmin(admin.ModelAdmin):
 
     def delete_model(self, request, obj):
         services.group_delete(actor=request.user, group=obj)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Records written only by the system: browsable, never edited by hand."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(DeviceCommand)
+class DeviceCommandAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "device", "name", "state", "created_by", "completed_at"]
+    list_filter = ["state", "name"]
+    search_fields = ["device__uid", "created_by"]
+    list_select_related = ["device"]
+    show_full_result_count = False
+
+
+@admin.register(UplinkCursor)
+class UplinkCursorAdmin(ReadOnlyAdmin):
+    list_display = ["device", "last_acked_seq"]
+    search_fields = ["device__uid"]
+    list_select_related = ["device"]

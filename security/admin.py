@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from security import attestation, services
 from security.models import (
+    AttestationChallenge,
     AttestationPolicy,
     AttestationResult,
     AuditEntry,
@@ -181,3 +182,22 @@ class AttestationPolicyAdmin(admin.ModelAdmin):
 class TrustAnchorAdmin(admin.ModelAdmin):
     list_display = ["name", "tier", "created_at"]
     list_filter = ["tier"]
+
+
+@admin.register(AttestationChallenge)
+class AttestationChallengeAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "device", "reason", "expires_at", "answered_at"]
+    list_filter = ["reason"]
+    search_fields = ["device__uid"]
+    list_select_related = ["device"]
+    exclude = ["nonce"]
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AttestationChallenge | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AttestationChallenge | None = None) -> bool:
+        return False
