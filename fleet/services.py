@@ -254,13 +254,6 @@ def presence_mark_seen(*, device_ids: Iterable[int], at: datetime | None = None)
     return Device.objects.filter(pk__in=ids).update(online=True, last_seen=at or timezone.now())
 
 
-def presence_mark_offline(*, device_ids: Iterable[int]) -> int:
-    ids = list(device_ids)
-    if not ids:
-        return 0
-    return Device.objects.filter(pk__in=ids, online=True).update(online=False)
-
-
 def presence_sweep(*, older_than_s: float) -> int:
     """Mark offline every device not seen for `older_than_s` (its process died without closing)."""
     cutoff = timezone.now() - timezone.timedelta(seconds=older_than_s)

@@ -26,9 +26,3 @@ def attestation_fresh(*, device_ids: Iterable[int], max_age_s: float) -> set[int
             .annotate(latest_status=Subquery(latest)).filter(latest_status="affirming"))
     return set(rows.values_list("device_id", flat=True))
 
-
-def trust_summary() -> dict[str, int]:
-    """Devices per trust state (for the fleet overview)."""
-    from django.db.models import Count
-
-    return dict(DeviceTrust.objects.values_list("state").annotate(n=Count("device_id")).order_by())
