@@ -45,7 +45,7 @@ env_set() {
 
 random_secret() { python3 -c 'import secrets; print(secrets.token_urlsafe('"${1:-32}"'))'; }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 # http_ok URL: true when the URL answers 2xx (no curl on a fresh machine).
 http_ok() {

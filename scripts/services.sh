@@ -86,7 +86,7 @@ redis_up() {
 
 redis_down() {
   pid_alive "$RDIR/redis.pid" || return 0
-  say "Stopping Redis"; kill "$(cat "$RDIR/redis.pid")"
+  say "Stopping Redis"; kill "$(cat "$RDIR/redis.pid" 2>/dev/null)" 2>/dev/null || true
   for _ in $(seq 50); do pid_alive "$RDIR/redis.pid" || break; sleep 0.1; done
 }
 
