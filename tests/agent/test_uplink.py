@@ -160,3 +160,32 @@ def test_a_refused_state_frame_is_acked_as_rejected_so_the_agent_moves_on(consol
     ack = run(scenario())
     assert ack["type"] == "ack" and ack["accepted"] == 0 and ack["rejected"][0]["index"] == 0
     assert UplinkCursor.objects.get(device__uid="up-5").last_acked_seq == 1
+
+
+def test_a_full_ingest_queue_sheds_the_device_with_4503_after_acking_what_it_stored(transactional_db,
+                                                                                      enrollment_token):
+    from tests.harness import ConsoleServer
+
+    # A tiny queue and a slow flush timer: the first frame waits in the queue, the second
+    # one does not fit.
+    server = ConsoleServer(connection.settings_dict, extra_env={
+        "TELEMETRY_QUEUE_MAX_ROWS": "5", "TELEMETRY_FLUSH_INTERVAL_MS": "1500"}).start()
+    token = enrollment_token(auto_approve=True)
+    now = p.now_ms()
+    try:
+        async def scenario():
+            agent = await active_agent(server.ws_url, "busy-1", token)
+            await agent.telemetry(1, [[now + i, "m.x", float(i)] for i in range(20)])
+            await agent.telemetry(2, [[now + 100 + i, "m.x", float(i)] for i in range(20)])
+            ack = await agent.recv_type("ack")
+            error = await agent.recv_type("error")
+            return ack, error, await agent.closed_code()
+
+        ack, error, code = run(scenario())
+    finally:
+        server.stop()
+    assert ack["seq"] == 1 and ack["accepted"] == 20
+    assert error["code"] == "rate_limited" and error["retry_after_ms"] > 0
+    assert code == 4503
+    assert len(stored_points("busy-1")) == 20  # frame 2 was refused whole, never half-stored
+    assert UplinkCursor.objects.get(device__uid="busy-1").last_acked_seq == 1
