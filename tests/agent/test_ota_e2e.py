@@ -94,7 +94,9 @@ def test_agents_install_a_signed_model_and_commit(ota_server, enrollment_token, 
         return not Execution.objects.filter(campaign=campaign).exclude(state="committed").exists()
 
     run_agents(ota_server, token, tmp_path, uids, finished)
-    assert set(Execution.objects.filter(campaign=campaign).values_list("state", flat=True)) == {"committed"}
+    executions = list(Execution.objects.filter(campaign=campaign).values("state", "hold", "error", "next_attempt_at"))
+    campaign.refresh_from_db()
+    assert {e["state"] for e in executions} == {"committed"}, (campaign.state, campaign.gate_results, executions)
     from fleet.models import Device
 
     assert {d.installed_versions.get("model") for d in Device.objects.filter(uid__in=uids)} == {"1.1.0"}
