@@ -230,8 +230,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             if self.session is None:
                 await self._handshake(frame)
             else:
-                if self.session is not None:
-                    presence().seen(self.session.device_id)
+                presence().seen(self.session.device_id)
                 await self._route(frame)
         except Closing as exc:
             await self.close_with(exc.code, exc.frame)
@@ -289,8 +288,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                                                      status=self.status)
         self.acker = asyncio.get_running_loop().create_task(self._ack_loop())
         await self._send_welcome()
-        for command in commands:
-            await self.send_frame(p.command(command_id=str(command.id), name=command.name, args=command.args))
+        await self._send_commands(commands)
         if challenge is not None:
             await self.send_frame(challenge)
         await self._send_pending_offers()
@@ -511,12 +509,19 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def _deliver_commands(self) -> None:
         if self.closed or self.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
             return
-        allow = [DeviceCommand.Name.ATTEST] if self.status == DeviceStatus.QUARANTINED else None
         commands = await db(fleet_services.commands_claim_for_delivery)(
-            device_id=self.session.device_id, allow=allow
+            device_id=self.session.device_id, allow=commands_allowed(self.status)
         )
+        await self._send_commands(commands)
+
+    async def _send_commands(self, commands: list[DeviceCommand]) -> None:
         for command in commands:
             await self.send_frame(p.command(command_id=str(command.id), name=command.name, args=command.args))
+
+
+def commands_allowed(status: str) -> list[str] | None:
+    """Command names a device in `status` may receive (None: all); quarantine allows attestation only."""
+    return [DeviceCommand.Name.ATTEST] if status == DeviceStatus.QUARANTINED else None
 
 
 def open_session(*, device_id: int, session: str, status: str) -> tuple[list[DeviceCommand], dict | None]:
@@ -525,8 +530,8 @@ def open_session(*, device_id: int, session: str, status: str) -> tuple[list[Dev
     fleet_services.presence_connected(device_id=device_id, session=session)
     if status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
         return [], None
-    allow = [DeviceCommand.Name.ATTEST] if status == DeviceStatus.QUARANTINED else None
-    commands = fleet_services.commands_claim_for_delivery(device_id=device_id, allow=allow, include_unanswered=True)
+    commands = fleet_services.commands_claim_for_delivery(device_id=device_id, allow=commands_allowed(status),
+                                                         include_unanswered=True)
     return commands, attestation.challenge_issue(device_id=device_id, reason="connect")
 
 
