@@ -1,6 +1,6 @@
 # The two set-up commands of the README are `make run` and `make test`; the rest are
 # helpers for developers.
-.PHONY: run test stop lint lock services migrate bench clean
+.PHONY: run test soak stop lint lock services migrate bench clean
 
 SHELL := /bin/bash
 PY := .venv/bin/python
@@ -12,6 +12,17 @@ run:
 test:
 	@scripts/bootstrap.sh test
 	@scripts/test.sh $(ARGS)
+
+# The long fault and soak tests (marked `slow`), which `make test` leaves out.
+soak:
+	@scripts/bootstrap.sh test
+	@scripts/test.sh -m slow $(ARGS)
+
+# The benchmark runner: starts the real stack, prints a table, updates docs/benchmarks.md.
+bench:
+	@scripts/bootstrap.sh test
+	@scripts/services.sh up
+	@.venv/bin/python -m benchmarks.run $(ARGS)
 
 stop:
 	@scripts/stop.sh
