@@ -3,16 +3,22 @@ process serving the test database. Screenshots of each main page go to test-arti
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
+import threading
+import time
 
 from playwright.sync_api import expect
 
 from frontend.tests.conftest import shot
 from security.models import AttestationResult
+from security.services import enrollment_token_create
 from telemetry import services as telemetry_services
+from telemetry import tasks as telemetry_tasks
 from telemetry.models import DeviceEvent, DeviceMetric, Metric
 from telemetry.tests.helpers import insert_points
+from tests.agent.rawagent import RawAgent
 from tests.factories import make_device, make_site
 
 
@@ -117,21 +123,53 @@ def test_viewer_sees_no_actions_and_a_forced_post_is_refused(page_for, viewer_us
     assert Device.objects.get(uid="new-001").status == "pending"
 
 
-def test_alert_appears_live_without_reload(page_for, viewer_user):
-    devices = _seed()
-    rule = telemetry_services.alert_rule_create(actor="test", name="Overheating", metric="temperature_c",
-                                                threshold=80, for_duration_s=300, severity="critical")
+def _device_reports(url: str, uid: str, token: str, points: list) -> dict:
+    """A real agent connection (own thread: Playwright's loop owns this one): enroll, send one
+    telemetry frame, return the server's ack once the points are committed."""
+    result: dict = {}
+
+    async def scenario():
+        agent = RawAgent(url, uid)
+        welcome = await agent.enroll(token)
+        assert welcome["status"] == "active", welcome
+        await agent.telemetry(1, points)
+        result.update(await agent.recv_type("ack"))
+        await agent.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(scenario()))
+    thread.start()
+    thread.join(30)
+    return result
+
+
+def test_alert_appears_live_when_a_device_reports_over_a_rule(page_for, viewer_user, console_server):
+    _seed()
+    telemetry_services.alert_rule_create(actor="test", name="Overheating", metric="temperature_c", comparison=">",
+                                         threshold=80, for_duration_s=120, severity="critical")
+    telemetry_tasks.refresh_rollups()  # beat has been rolling up all along
     page = page_for("vera-viewer")
     page.get_by_role("navigation", name="Main").get_by_role("link", name=re.compile("^Alerts")).click()
     expect(page.locator("#alerts-empty")).to_be_visible()
     expect(page.locator("#live-status.up")).to_be_visible()
     page.evaluate("window.__sameDocument = true")
     page.wait_for_timeout(1500)  # let the subscription take its cursor
-    alert = telemetry_services.alert_open(rule=rule, device_id=devices[3].id, value=91.2)
-    row = page.locator(f'#alerts-table tr[data-alert-id="{alert.id}"]')
+
+    # A device ran hot for the last six minutes and reports it over its WebSocket (its outbox
+    # delivers late: rollups close a minute only after TELEMETRY_ROLLUP_CLOSE_LAG_S = 120 s).
+    first_minute = (int(time.time()) // 60 - 6) * 60_000
+    points = [[first_minute + i * 10_000, "temperature_c", 91.0 + i % 3] for i in range(36)]
+    _, token = enrollment_token_create(actor="test", expires_in=dt.timedelta(hours=1), auto_approve=True)
+    ack = _device_reports(console_server.ws_url, "hot-cam-1", token, points)
+    assert ack == {"type": "ack", "seq": 1, "accepted": 36, "rejected": []}
+
+    # The beat jobs, as the Celery worker runs them: roll up the closed minutes, evaluate rules.
+    telemetry_tasks.refresh_rollups()
+    assert telemetry_tasks.evaluate_alerts()["opened"] == 1
+
+    row = page.locator("#alerts-table tr[data-alert-id]").filter(has_text="hot-cam-1")
     expect(row).to_be_visible(timeout=6000)
     expect(row).to_contain_text("Overheating")
-    expect(row).to_contain_text("temperature_c = 91.20")
+    expect(row).to_contain_text("temperature_c = 92.00")  # the last closed minute's average
     expect(page.locator("#active-count")).to_have_text("1")
     expect(page.locator("#nav-alerts")).to_have_text("1")
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
