@@ -248,3 +248,63 @@ def test_rollout_control_is_refused_to_viewers(client, world, viewer_user):
         assert client.post(reverse("campaign-control", kwargs={"pk": campaign.pk, "verb": verb})).status_code == 403
     assert client.post(reverse("campaign-create"), {"name": "x"}).status_code == 403
     assert client.post(reverse("artifact-upload"), {"name": "x"}).status_code == 403
+
+
+def _signed_artifact_through_the_form(client, **extra):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from rollouts import services as rollout_services
+    from rollouts.models import Artifact
+
+    rollout_services.signing_key_create(actor="test")
+    response = client.post(reverse("artifact-upload"), {
+        "name": "detector", "kind": "model", "version": "2.1.0", "min_tier": 3,
+        "file": SimpleUploadedFile("full.onnx", b"f" * 256), **extra})
+    assert response.status_code == 302
+    return Artifact.objects.get(name="detector")
+
+
+def test_an_artifact_upload_can_route_a_second_variant_to_one_tier(client, world, operator_user):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    client.force_login(operator_user)
+    artifact = _signed_artifact_through_the_form(
+        client, variant_file=SimpleUploadedFile("int8.onnx", b"q" * 64), variant_tier=3)
+    variants = {v.name: (v.tiers, v.size) for v in artifact.variants.all()}
+    assert variants == {"default": ([1, 2], 256), "tier-3": ([3], 64)}
+
+
+def test_a_campaign_form_sets_gates_rate_and_maintenance_window(client, world, operator_user):
+    from rollouts.models import Campaign
+
+    client.force_login(operator_user)
+    artifact = _signed_artifact_through_the_form(client)
+    response = client.post(reverse("campaign-create"), {
+        "artifact": artifact.pk, "name": "night rollout", "target_selector": "env=prod", "waves": "10%, 100%",
+        "soak_s": 300, "min_success": 0.9, "max_failure_pct": 20, "failure_min_sample": 3,
+        "telemetry_metric": "inference_latency_ms", "telemetry_direction": "increase", "telemetry_tolerance_pct": 15,
+        "attestation_max_age_s": 900, "on_gate_failure": "abort_and_revert", "rate_per_min": 120,
+        "max_concurrent": 50, "window_cron": "0 2 * * *", "window_tz": "Europe/Berlin", "window_duration_min": 90,
+    })
+    campaign = Campaign.objects.get(name="night rollout")
+    assert response.status_code == 302 and response["Location"] == reverse("campaign", kwargs={"pk": campaign.pk})
+    assert [w["size"] for w in campaign.waves] == ["10%", "100%"]
+    assert [g["type"] for g in campaign.waves[0]["gates"]] == ["success_ratio", "failure", "telemetry"]
+    assert campaign.waves[1]["gates"][1] == {"type": "failure", "max_pct": 20.0, "min_sample": 3}
+    assert campaign.offer_gates == [{"type": "attestation", "max_age_s": 900.0}]
+    assert (campaign.on_gate_failure, campaign.rate_per_min, campaign.max_concurrent) == ("abort_and_revert", 120, 50)
+    assert (campaign.window_cron, campaign.window_tz, campaign.window_duration_min) == ("0 2 * * *", "Europe/Berlin", 90)
+
+
+def test_a_campaign_form_with_a_bad_window_says_why_and_creates_nothing(client, world, operator_user):
+    from rollouts.models import Campaign
+
+    client.force_login(operator_user)
+    artifact = _signed_artifact_through_the_form(client)
+    response = client.post(reverse("campaign-create"), {
+        "artifact": artifact.pk, "name": "bad window", "waves": "100%", "soak_s": 0, "failure_min_sample": 5,
+        "telemetry_direction": "increase", "telemetry_tolerance_pct": 10, "on_gate_failure": "pause",
+        "rate_per_min": 600, "max_concurrent": 1000, "window_cron": "99 * * *", "window_tz": "Mars/Olympus",
+    }, follow=True)
+    assert not Campaign.objects.filter(name="bad window").exists()
+    assert "The campaign was not created: maintenance window" in response.content.decode()

@@ -52,10 +52,29 @@ class ArtifactForm(forms.Form):
     min_tier = forms.TypedChoiceField(choices=[(3, "3 (all devices)"), (2, "2"), (1, "1")], coerce=int, initial=3,
                                       label="Minimum tier")
     description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    variant_file = forms.FileField(required=False, label="Second variant (optional)",
+                                   help_text="E.g. a quantized model for less capable devices.")
+    variant_tier = forms.TypedChoiceField(choices=[(2, "tier 2"), (3, "tier 3"), (1, "tier 1")], coerce=int,
+                                          initial=2, required=False, empty_value=2, label="Second variant serves",
+                                          help_text="The first file serves the other tiers up to the minimum tier.")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["kind"].choices = _models().Kind.choices
+
+    def variants(self) -> list:
+        """One variant for every allowed tier, or two when a second file serves one tier."""
+        from rollouts.services import VariantUpload
+
+        data = self.cleaned_data
+        if not data.get("variant_file"):
+            return [VariantUpload(name="default", tiers=[], file=data["file"])]
+        other = data["variant_tier"]
+        main_tiers = [t for t in range(1, data["min_tier"] + 1) if t != other]
+        variants = [VariantUpload(name=f"tier-{other}", tiers=[other], file=data["variant_file"])]
+        if main_tiers:
+            variants.insert(0, VariantUpload(name="default", tiers=main_tiers, file=data["file"]))
+        return variants
 
 
 class CampaignForm(forms.Form):
@@ -66,26 +85,68 @@ class CampaignForm(forms.Form):
     waves = forms.CharField(initial="5%, 25%, 100%", help_text="Cumulative sizes, comma-separated (percent or counts).")
     soak_s = forms.IntegerField(min_value=0, initial=600, label="Soak per wave (seconds)")
     min_success = forms.FloatField(min_value=0, max_value=1, required=False, initial=0.95,
-                                   label="Success-ratio gate (0–1)", help_text="Empty: no gate.")
+                                   label="Success-ratio gate (0–1)",
+                                   help_text="Judged at the end of each soak. Empty: none.")
+    max_failure_pct = forms.FloatField(min_value=0, max_value=100, required=False, label="Failure gate (max %)",
+                                       help_text="Checked continuously once the sample is reached. Empty: none.")
+    failure_min_sample = forms.IntegerField(min_value=1, initial=5, label="Failure gate: minimum sample (devices)")
+    telemetry_metric = forms.CharField(required=False, max_length=100, label="Telemetry gate: metric",
+                                       help_text="E.g. inference_latency_ms; wave devices vs untouched ones. Empty: none.")
+    telemetry_direction = forms.ChoiceField(choices=[("increase", "an increase is bad"), ("decrease", "a decrease is bad")],
+                                            initial="increase", label="Telemetry gate: direction")
+    telemetry_tolerance_pct = forms.FloatField(min_value=0, initial=10, label="Telemetry gate: tolerance (%)")
+    attestation_max_age_s = forms.IntegerField(min_value=1, required=False, label="Attestation gate: max age (s)",
+                                               help_text="Offer only to devices attested affirming within this age. "
+                                                         "Empty: no gate.")
+    on_gate_failure = forms.ChoiceField(choices=(), label="When a gate fails")
+    rate_per_min = forms.IntegerField(min_value=1, initial=600, label="Offers per minute")
+    max_concurrent = forms.IntegerField(min_value=1, initial=1000, label="Concurrent downloads (max)")
+    window_cron = forms.CharField(required=False, max_length=100, label="Install window (cron)",
+                                  help_text="5-field cron for when a window opens, e.g. 0 2 * * *. Empty: any time. "
+                                            "Downloads happen any time; installs only inside.")
+    window_tz = forms.CharField(max_length=64, initial="UTC", label="Window time zone (IANA)")
+    window_duration_min = forms.IntegerField(min_value=1, required=False, initial=120, label="Window length (minutes)")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["artifact"].queryset = _models().Artifact.objects.order_by("-created_at")
+        self.fields["on_gate_failure"].choices = _models().Campaign.Action.choices
         if not self.is_bound:
             self.fields["artifact"].initial = self.fields["artifact"].queryset.values_list("pk", flat=True).first()
 
     def waves_spec(self) -> list[dict]:
+        data = self.cleaned_data
+        gates: list[dict] = []
+        if data.get("min_success") is not None:
+            gates.append({"type": "success_ratio", "min_ratio": data["min_success"]})
+        if data.get("max_failure_pct") is not None:
+            gates.append({"type": "failure", "max_pct": data["max_failure_pct"], "min_sample": data["failure_min_sample"]})
+        if data.get("telemetry_metric"):
+            gates.append({"type": "telemetry", "metric": data["telemetry_metric"],
+                          "bad_direction": data["telemetry_direction"], "tolerance_pct": data["telemetry_tolerance_pct"]})
         out = []
-        for part in self.cleaned_data["waves"].split(","):
+        for part in data["waves"].split(","):
             part = part.strip()
             if not part:
                 continue
             size: Any = part if part.endswith("%") else (int(part) if part.isdigit() else part)
-            gates = []
-            if self.cleaned_data.get("min_success") is not None:
-                gates.append({"type": "success_ratio", "min_ratio": self.cleaned_data["min_success"]})
-            out.append({"size": size, "soak_s": self.cleaned_data["soak_s"], "gates": gates})
+            out.append({"size": size, "soak_s": data["soak_s"], "gates": [dict(g) for g in gates]})
         return out
+
+    def campaign_fields(self) -> dict[str, Any]:
+        """Everything but the artifact and name, as `rollouts.services.campaign_create` takes it."""
+        data = self.cleaned_data
+        fields: dict[str, Any] = {
+            "target_selector": data["target_selector"], "waves": self.waves_spec(),
+            "on_gate_failure": data["on_gate_failure"], "rate_per_min": data["rate_per_min"],
+            "max_concurrent": data["max_concurrent"],
+            "offer_gates": ([{"type": "attestation", "max_age_s": data["attestation_max_age_s"]}]
+                            if data.get("attestation_max_age_s") else []),
+        }
+        if data.get("window_cron"):
+            fields.update(window_cron=data["window_cron"], window_tz=data["window_tz"] or "UTC",
+                          window_duration_min=data.get("window_duration_min") or 120)
+        return fields
 
 
 @page()
@@ -118,7 +179,7 @@ def artifact_upload(request: HttpRequest) -> HttpResponse:
     try:
         artifact = services.artifact_create(
             actor=request.user, name=data["name"], kind=data["kind"], version=data["version"],
-            variants=[services.VariantUpload(name="default", tiers=[], file=data["file"])],
+            variants=form.variants(),
             min_tier=data["min_tier"], description=data["description"])
         messages.success(request, f"Artifact {artifact.name} {artifact.version} stored and signed.")
     except DomainError as exc:
@@ -139,7 +200,7 @@ def campaign_create(request: HttpRequest) -> HttpResponse:
     data = form.cleaned_data
     try:
         campaign = services.campaign_create(actor=request.user, artifact=data["artifact"], name=data["name"],
-                                            target_selector=data["target_selector"], waves=form.waves_spec())
+                                            **form.campaign_fields())
     except SelectorError as exc:
         messages.error(request, f"Invalid target selector: {exc.reason} at column {exc.position + 1}")
         return redirect("rollouts")
