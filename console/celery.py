@@ -16,6 +16,7 @@ app.autodiscover_tasks()
 # changed, so running it late or twice is harmless.
 app.conf.beat_schedule = {
     "fleet.sweep-presence": {"task": "fleet.tasks.sweep_presence", "schedule": 30.0},
+    "fleet.prune-presence": {"task": "fleet.tasks.prune_presence", "schedule": 3600.0},
     "security.attest-due": {"task": "security.tasks.attest_due", "schedule": 60.0},
     "security.mark-overdue": {"task": "security.tasks.mark_overdue", "schedule": 300.0},
     "telemetry.ensure-partitions": {"task": "telemetry.tasks.ensure_partitions", "schedule": 3600.0},

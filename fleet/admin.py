@@ -8,7 +8,7 @@ from django.http import HttpRequest
 
 from fleet import services
 from fleet.errors import DomainError
-from fleet.models import Device, DeviceCommand, DeviceGroup, Site, UplinkCursor
+from fleet.models import Device, DeviceCommand, DeviceGroup, PresenceEvent, Site, UplinkCursor
 
 
 @admin.register(Site)
@@ -164,3 +164,13 @@ class UplinkCursorAdmin(ReadOnlyAdmin):
     list_display = ["device", "last_acked_seq"]
     search_fields = ["device__uid"]
     list_select_related = ["device"]
+
+
+@admin.register(PresenceEvent)
+class PresenceEventAdmin(ReadOnlyAdmin):
+    list_display = ["at", "device", "kind", "session"]
+    list_filter = ["kind"]
+    search_fields = ["device__uid"]
+    list_select_related = ["device"]
+    date_hierarchy = "at"
+    show_full_result_count = False

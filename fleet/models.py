@@ -180,3 +180,26 @@ class DeviceCommand(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} → {self.device_id} ({self.state})"
+
+
+class PresenceEvent(models.Model):
+    """One change of a device's connection state, for its presence history (not heartbeats:
+    those only move `Device.last_seen`). Older rows are pruned by `fleet.tasks.prune_presence`."""
+
+    class Kind(models.TextChoices):
+        CONNECTED = "connected", "Connected"
+        DISCONNECTED = "disconnected", "Disconnected"
+        TIMED_OUT = "timed_out", "Timed out (no goodbye)"
+
+    id = models.BigAutoField(primary_key=True)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="presence_events")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    at = models.DateTimeField()
+    session = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["device", "-at"], name="fleet_presence_device_at")]
+
+    def __str__(self) -> str:
+        return f"{self.device_id} {self.kind} @ {self.at:%Y-%m-%d %H:%M:%S}"

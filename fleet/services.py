@@ -13,14 +13,14 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from fleet import audit, push
 from fleet.errors import Conflict, InvalidInput
-from fleet.models import Device, DeviceCommand, DeviceGroup, DeviceStatus, Site, UplinkCursor
+from fleet.models import Device, DeviceCommand, DeviceGroup, DeviceStatus, PresenceEvent, Site, UplinkCursor
 from fleet.selector import validate_label_key, validate_label_value
 from fleet.tiers import compute_tier
 
@@ -254,10 +254,24 @@ def presence_mark_seen(*, device_ids: Iterable[int], at: datetime | None = None)
     return Device.objects.filter(pk__in=ids).update(online=True, last_seen=at or timezone.now())
 
 
+@transaction.atomic
 def presence_sweep(*, older_than_s: float) -> int:
-    """Mark offline every device not seen for `older_than_s` (its process died without closing)."""
-    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_s)
-    return Device.objects.filter(online=True, last_seen__lt=cutoff).update(online=False)
+    """Mark offline every device not seen for `older_than_s` (its process died without closing).
+    One UPDATE … RETURNING and one batched insert into the presence history."""
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE fleet_device SET online = false WHERE online AND last_seen < %s RETURNING id",
+            [now - timezone.timedelta(seconds=older_than_s)])
+        ids = [row[0] for row in cursor.fetchall()]
+    PresenceEvent.objects.bulk_create(
+        [PresenceEvent(device_id=i, kind=PresenceEvent.Kind.TIMED_OUT, at=now) for i in ids], batch_size=1000)
+    return len(ids)
+
+
+def presence_prune(*, older_than_days: int) -> int:
+    """Drop presence history older than `older_than_days` (one DELETE)."""
+    return PresenceEvent.objects.filter(at__lt=timezone.now() - timezone.timedelta(days=older_than_days)).delete()[0]
 
 
 @transaction.atomic
@@ -369,9 +383,14 @@ def command_complete(*, device_id: int, command_id: str, ok: bool, output: str) 
 
 
 def presence_connected(*, device_id: int, session: str) -> None:
-    Device.objects.filter(pk=device_id).update(online=True, last_seen=timezone.now(), session=session)
+    now = timezone.now()
+    Device.objects.filter(pk=device_id).update(online=True, last_seen=now, session=session)
+    PresenceEvent.objects.create(device_id=device_id, kind=PresenceEvent.Kind.CONNECTED, at=now, session=session)
 
 
 def presence_disconnected(*, device_id: int, session: str) -> None:
     """Mark offline only if no newer connection of the device took over meanwhile."""
-    Device.objects.filter(pk=device_id, session=session).update(online=False, session="", last_seen=timezone.now())
+    now = timezone.now()
+    if Device.objects.filter(pk=device_id, session=session).update(online=False, session="", last_seen=now):
+        PresenceEvent.objects.create(device_id=device_id, kind=PresenceEvent.Kind.DISCONNECTED, at=now,
+                                     session=session)

@@ -190,6 +190,7 @@ FLEET_TIER1_MIN_RAM_MB = env_int("FLEET_TIER1_MIN_RAM_MB", 16 * 1024, minimum=1)
 FLEET_TIER2_MIN_RAM_MB = env_int("FLEET_TIER2_MIN_RAM_MB", 4 * 1024, minimum=1)
 # A device not heard from for this long is marked offline by the presence sweep.
 FLEET_OFFLINE_AFTER_S = env_float("FLEET_OFFLINE_AFTER_S", 90, minimum=1)
+FLEET_PRESENCE_HISTORY_DAYS = env_int("FLEET_PRESENCE_HISTORY_DAYS", 30, minimum=1)
 
 # Agent protocol v1 limits (docs/protocol.md). Each refusal uses the contract's code.
 AGENT_MAX_FRAME_BYTES = env_int("AGENT_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)

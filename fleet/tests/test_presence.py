@@ -7,8 +7,8 @@ import pytest
 from django.utils import timezone
 
 from fleet import services
-from fleet.models import Device
-from fleet.tasks import sweep_presence
+from fleet.models import Device, PresenceEvent
+from fleet.tasks import prune_presence, sweep_presence
 from tests.factories import make_device
 
 pytestmark = pytest.mark.django_db
@@ -40,6 +40,41 @@ def test_a_replaced_connection_closing_late_does_not_mark_its_successor_offline(
     assert Device.objects.get(pk=device.pk).online
     services.presence_disconnected(device_id=device.id, session="new")
     assert not Device.objects.get(pk=device.pk).online
+
+
+def history(device) -> list[tuple[str, str]]:
+    return [(e.kind, e.session) for e in PresenceEvent.objects.filter(device=device).order_by("at", "id")]
+
+
+def test_presence_history_records_connects_real_disconnects_and_time_outs(settings):
+    settings.FLEET_OFFLINE_AFTER_S = 90
+    device = make_device()
+    services.presence_connected(device_id=device.id, session="old")
+    services.presence_connected(device_id=device.id, session="new")
+    services.presence_disconnected(device_id=device.id, session="old")  # replaced: no change, no entry
+    services.presence_mark_seen(device_ids=[device.id])  # heartbeats are not history
+    Device.objects.filter(pk=device.pk).update(last_seen=timezone.now() - timedelta(seconds=91))
+    assert sweep_presence() == 1
+    assert history(device) == [("connected", "old"), ("connected", "new"), ("timed_out", "")]
+
+
+def test_the_sweep_writes_the_history_of_many_devices_in_a_fixed_number_of_statements(django_assert_num_queries):
+    devices = [make_device() for _ in range(40)]
+    for d in devices:
+        services.presence_connected(device_id=d.id, session="s")
+    Device.objects.update(last_seen=timezone.now() - timedelta(hours=1))
+    with django_assert_num_queries(4):  # savepoint, UPDATE … RETURNING, one INSERT, release
+        assert services.presence_sweep(older_than_s=90) == 40
+    assert PresenceEvent.objects.filter(kind="timed_out").count() == 40
+
+
+def test_presence_history_older_than_the_retention_is_pruned(settings):
+    settings.FLEET_PRESENCE_HISTORY_DAYS = 30
+    device = make_device()
+    services.presence_connected(device_id=device.id, session="a")
+    PresenceEvent.objects.create(device=device, kind="disconnected", at=timezone.now() - timedelta(days=31))
+    assert prune_presence() == 1
+    assert history(device) == [("connected", "a")]
 
 
 def test_the_agent_stub_never_imports_django():

@@ -54,3 +54,19 @@ def get(mapping: dict, key: str):
 @register.filter
 def pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}" if whole else "0"
+
+
+@register.filter
+def duration(seconds: float | None) -> str:
+    """A span of time in its two largest units: 3 d 4 h, 2 h 5 min, 40 s."""
+    if seconds is None:
+        return "—"
+    seconds = max(0, int(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size} {unit}")
+            seconds %= size
+        if len(parts) == 2:
+            break
+    return " ".join(parts)

@@ -308,3 +308,22 @@ def test_a_campaign_form_with_a_bad_window_says_why_and_creates_nothing(client, 
     }, follow=True)
     assert not Campaign.objects.filter(name="bad window").exists()
     assert "The campaign was not created: maintenance window" in response.content.decode()
+
+
+def test_the_device_page_shows_presence_history_with_how_long_each_state_lasted(client, world, viewer_user):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from fleet.models import PresenceEvent
+
+    now = timezone.now()
+    for minutes_ago, kind in ((125, "connected"), (5, "timed_out")):
+        PresenceEvent.objects.create(device=world["active"], kind=kind, at=now - dt.timedelta(minutes=minutes_ago))
+    client.force_login(viewer_user)
+    html = client.get(reverse("device", kwargs={"uid": "cam-001"})).content.decode()
+    section = html[html.index('id="presence-history"'):]
+    assert section.index("timed out (no goodbye)") < section.index("● connected")  # newest first
+    assert "<td>5 min" in section and "so far</small>" in section and "<td>2 h</td>" in section
+    empty = client.get(reverse("device", kwargs={"uid": "cam-002"})).content.decode()
+    assert "Never connected." in empty

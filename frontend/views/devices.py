@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from fleet import services as fleet_services
 from fleet.errors import DomainError
-from fleet.models import Device, DeviceCommand, DeviceStatus, Site
+from fleet.models import Device, DeviceCommand, DeviceStatus, PresenceEvent, Site
 from fleet.selector import SelectorError, compile_selector
 from frontend.access import action, json_page, page
 from frontend.present import DEFAULT_RANGE, RANGES, check_text, metric_unit
@@ -27,6 +27,7 @@ from telemetry.models import ACTIVE_STATES, Alert, DeviceEvent, DeviceMetric, Me
 PAGE_SIZE = 50
 COUNT_CAP = 100_000  # counting is capped so a page stays cheap however large the fleet
 BULK_ONE_BY_ONE_MAX = 1000  # approve/pin run one service call per device
+PRESENCE_ROWS = 20  # presence changes shown on a device page
 SORTS = {
     "uid": "uid", "name": "name", "status": "status", "tier": "tier", "site": "site__slug",
     "model": "hardware_model", "last_seen": "last_seen",
@@ -207,6 +208,11 @@ def device_detail(request: HttpRequest, uid: str) -> HttpResponse:
     anomalies = [e for e in events if e.severity in ("warning", "critical") or e.kind == "anomaly"]
     alerts = list(Alert.objects.filter(device=device).select_related("rule").order_by("-opened_at")[:10])
     commands = list(DeviceCommand.objects.filter(device=device).order_by("-created_at")[:10])
+    presence = list(PresenceEvent.objects.filter(device=device).order_by("-at", "-id")[:PRESENCE_ROWS])
+    until = timezone.now()
+    for event in presence:  # newest first: each state lasted until the next change
+        event.lasted_s = (until - event.at).total_seconds()
+        until = event.at
     components = sorted({*device.installed_versions, *device.pinned_versions, "agent", "model", "firmware"})
     versions = [{"component": c, "installed": device.installed_versions.get(c), "pinned": device.pinned_versions.get(c)}
                 for c in components]
@@ -214,7 +220,7 @@ def device_detail(request: HttpRequest, uid: str) -> HttpResponse:
         "nav": "devices", "d": device, "trust": trust, "tpm": tpm, "results": results, "events": events,
         "anomaly_count": len(anomalies), "alerts": alerts, "commands": commands, "versions": versions,
         "metrics": _device_metrics(device)[:MAX_CHARTS], "ranges": list(RANGES), "default_range": DEFAULT_RANGE,
-        "active_alerts": sum(1 for a in alerts if a.state in ACTIVE_STATES),
+        "active_alerts": sum(1 for a in alerts if a.state in ACTIVE_STATES), "presence": presence,
     })
 
 
