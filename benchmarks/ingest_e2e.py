@@ -6,6 +6,9 @@ Runs the real console (one uvicorn process, `tests.harness.ConsoleServer`) again
 database created on DATABASE_URL's server, and N agent stubs (in-memory outboxes, one shared
 ONNX session) in this process. Prints acked points/s over the steady part of the run, p50/p99
 ack latency (a telemetry frame's send → its ack), and the CPU of the server and of the agents.
+Then, in the same scratch database, raw binary COPY of as many rows into the same table (the
+ceiling), and the ratio. CPU is reported for uvicorn, the agents' process and the PostgreSQL
+backends serving the scratch database. `run(**params)` is what `python -m benchmarks.run` calls.
 Loopback only; bounded in time; stops the server and drops the scratch database.
 """
 
@@ -37,7 +40,7 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(url: str, token: str, args: argparse.Namespace, server_pid: int) -> dict:
+async def drive(url: str, token: str, args: argparse.Namespace, server_pid: int, on_measure_start=None) -> dict:
     from agent_stub.client import Agent, Config
     from agent_stub.inference import AnomalyModel, BatchScorer
 
@@ -84,6 +87,8 @@ async def drive(url: str, token: str, args: argparse.Namespace, server_pid: int)
         if i % 100 == 99:
             await asyncio.sleep(1)
     await asyncio.sleep(args.warmup)
+    if on_measure_start is not None:
+        await asyncio.to_thread(on_measure_start)
     measuring[0] = True
     cpu0, srv0, t0 = _cpu_self(), _cpu_of(server_pid), time.monotonic()
     await asyncio.sleep(args.seconds)
@@ -103,6 +108,67 @@ async def drive(url: str, token: str, args: argparse.Namespace, server_pid: int)
             "mean": statistics.fmean(latencies) if latencies else float("nan")}
 
 
+def run(*, devices: int = 1000, rate: float = 100, batch: int = 500, seconds: float = 60, warmup: float = 15,
+        copy_rows: int | None = None) -> dict:
+    """Real agents → one uvicorn → acks, then raw binary COPY into the same table in the same
+    scratch database; returns the runner's rows (see benchmarks/__init__.py)."""
+    from datetime import timedelta
+
+    from django.db import connection
+
+    from benchmarks import cpu_delta, cpu_of_pids, postgres_backend_pids, result, row, scratch_database
+    from benchmarks.ingest import raw_copy
+    from fleet.models import Device
+    from security.services import enrollment_token_create
+    from tests.harness import ConsoleServer
+
+    args = argparse.Namespace(devices=devices, rate=rate, batch=batch, seconds=seconds, warmup=warmup)
+    server = None
+    with scratch_database("bench_e2e") as settings_dict:
+        try:
+            token = enrollment_token_create(actor="benchmark", expires_in=timedelta(hours=1), max_uses=devices,
+                                            auto_approve=True)[1]
+            connection.close()
+            # Persistent connections, as in production (the test harness turns them off).
+            server = ConsoleServer(settings_dict, extra_env={"LOG_LEVEL": "WARNING", "DB_CONN_MAX_AGE": "60"}).start()
+            offered = devices * rate
+            print(f"[ingest] {devices} agents × {rate:g} points/s in frames of {batch} (offered {offered:,.0f} "
+                  f"points/s), measuring {seconds:g}s after {warmup:g}s warm-up", flush=True)
+            database = settings_dict["NAME"]
+            pg_pids: list[int] = []
+            pg_before: dict[int, float] = {}
+
+            def on_measure_start() -> None:
+                pg_pids[:] = postgres_backend_pids(database)
+                pg_before.update(cpu_of_pids(pg_pids))
+                connection.close()
+
+            r = asyncio.run(drive(server.ws_url, token, args, server.proc.pid, on_measure_start))
+            pg_cpu = cpu_delta(pg_before, cpu_of_pids(list(pg_before)))
+            ids = list(Device.objects.values_list("id", flat=True)) or [0]
+            rows = copy_rows or max(r["points"], 100_000)
+            write_row_s, packed_s = asyncio.run(raw_copy(rows, ids))
+        finally:
+            if server is not None:
+                server.stop()
+    rate_acked = r["points"] / r["wall"]
+    copy_rate = rows / packed_s
+    pct_of = {k: 100 * r[k] / r["wall"] for k in ("server_cpu", "agents_cpu")}
+    return result("ingest", [
+        row("agents connected", r["connected"], "", f"{devices:,}", r["connected"] == devices),
+        row("points/s committed and acked", rate_acked, "points/s", "≥ 100,000/s", rate_acked >= 100_000),
+        row("ack latency p50", r["p50"] * 1000, "ms"),
+        row("ack latency p99", r["p99"] * 1000, "ms", "≤ 250 ms", r["p99"] * 1000 <= 250),
+        row("CPU: uvicorn", pct_of["server_cpu"], "% of a core"),
+        row("CPU: agents (load generator)", pct_of["agents_cpu"], "% of a core"),
+        row("CPU: PostgreSQL backends of the scratch DB", 100 * pg_cpu / r["wall"], "% of a core"),
+        row("raw binary COPY, same table", copy_rate, "rows/s"),
+        row("acked ingest / raw COPY", rate_acked / copy_rate, "×"),
+    ], devices=devices, rate=rate, batch=batch, offered=offered, window_s=round(r["wall"], 1), frames=r["frames"],
+        ack_mean_ms=round(r["mean"] * 1000, 1), copy_rows=rows, copy_write_row_rows_per_s=round(rows / write_row_s),
+        postgres_backends=len(pg_before))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=500)
@@ -110,45 +176,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="points per telemetry frame")
     parser.add_argument("--seconds", type=float, default=30, help="measured window")
     parser.add_argument("--warmup", type=float, default=10, help="seconds after the ramp before measuring")
+    parser.add_argument("--copy-rows", type=int, default=None, help="rows for the raw COPY comparison")
     args = parser.parse_args()
 
-    import django
-    from django.conf import settings
+    from benchmarks import setup_django
+    from benchmarks.run import print_results
 
-    django.setup()
-    from datetime import timedelta
-
-    from django.db import connection
-
-    from security.services import enrollment_token_create
-    from tests.harness import ConsoleServer
-
-    scratch = f"bench_e2e_{os.getpid()}"
-    settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = scratch
-    print(f"scratch database {scratch}: creating and migrating …", flush=True)
-    original = connection.creation.create_test_db(verbosity=0, autoclobber=True, keepdb=False)
-    server = None
-    try:
-        token = enrollment_token_create(actor="benchmark", expires_in=timedelta(hours=1), max_uses=args.devices,
-                                        auto_approve=True)[1]
-        connection.close()
-        # Persistent connections, as in production (the test harness turns them off).
-        server = ConsoleServer(connection.settings_dict, extra_env={"LOG_LEVEL": "WARNING", "DB_CONN_MAX_AGE": "60"}).start()
-        offered = args.devices * args.rate
-        print(f"{args.devices} agents × {args.rate:g} points/s in frames of {args.batch} (offered {offered:,.0f} "
-              f"points/s), measuring {args.seconds:g}s after {args.warmup:g}s warm-up", flush=True)
-        r = asyncio.run(drive(server.ws_url, token, args, server.proc.pid))
-        print(f"connected {r['connected']}/{args.devices}; acked {r['points']:,} points in {r['wall']:.1f}s = "
-              f"{r['points'] / r['wall']:,.0f} points/s ({r['frames']:,} frames)")
-        print(f"ack latency (send → ack): p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, "
-              f"mean {r['mean'] * 1000:.0f} ms")
-        server_pct, agents_pct = 100 * r["server_cpu"] / r["wall"], 100 * r["agents_cpu"] / r["wall"]
-        print(f"CPU: server {server_pct:.0f}% of a core, agents {agents_pct:.0f}% of a core (PostgreSQL not counted)")
-    finally:
-        if server is not None:
-            server.stop()
-        connection.creation.destroy_test_db(original, verbosity=0)
-        print(f"scratch database {scratch} dropped")
+    setup_django()
+    print_results([run(devices=args.devices, rate=args.rate, batch=args.batch, seconds=args.seconds,
+                       warmup=args.warmup, copy_rows=args.copy_rows)])
 
 
 if __name__ == "__main__":

@@ -79,6 +79,33 @@ def measure(client, url: str, runs: int) -> tuple[list[float], int]:
     return times, queries
 
 
+def run(*, devices: int = 10_000, runs: int = 50) -> dict:
+    """Seed a scratch database and time each page; returns the runner's rows."""
+    from django.test import Client
+
+    from benchmarks import pct, result, row, scratch_database
+
+    out = []
+    with scratch_database("bench_overview"):
+        started = time.perf_counter()
+        seed(devices)
+        print(f"seeded {devices:,} devices in {time.perf_counter() - started:.1f}s", flush=True)
+        from security.services import operator_upsert
+
+        user, _, _ = operator_upsert(actor="bench", username="bench-admin", role="admin", password="x" * 16)
+        client = Client(HTTP_HOST="localhost")
+        client.force_login(user)
+        print(f"{'page':40} {'p50':>8} {'p95':>8} {'max':>8} queries   ({runs} runs, server-side render)")
+        for label, url in PAGES:
+            times, queries = measure(client, url, runs)
+            p95 = pct(times, 0.95)
+            print(f"{label:40} {statistics.median(times):6.1f}ms {p95:6.1f}ms {max(times):6.1f}ms {queries:5d}")
+            target = 200 if url == "/" else None
+            out += [row(f"{label} p50 ({queries} queries)", statistics.median(times), "ms"),
+                    row(f"{label} p95", p95, "ms", f"≤ {target} ms" if target else "", p95 <= target if target else None)]
+    return result("overview", out, devices=devices, runs=runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=10_000)
@@ -86,36 +113,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import django
-    from django.conf import settings
 
     django.setup()
-    from django.core.management import call_command
-    from django.db import connection
-    from django.test import Client
-
-    scratch = f"bench_overview_{os.getpid()}"
-    settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = scratch
-    print(f"scratch database {scratch}: creating and migrating …", flush=True)
-    original = connection.creation.create_test_db(verbosity=0, autoclobber=True, keepdb=False)
-    try:
-        call_command("migrate", verbosity=0)
-        started = time.perf_counter()
-        seed(args.devices)
-        print(f"seeded {args.devices:,} devices in {time.perf_counter() - started:.1f}s", flush=True)
-        from security.services import operator_upsert
-
-        user, _, _ = operator_upsert(actor="bench", username="bench-admin", role="admin", password="x" * 16)
-        client = Client(HTTP_HOST="localhost")
-        client.force_login(user)
-        print(f"{'page':40} {'p50':>8} {'p95':>8} {'max':>8} queries   ({args.runs} runs, server-side render)")
-        for label, url in PAGES:
-            times, queries = measure(client, url, args.runs)
-            q = statistics.quantiles(times, n=20)
-            print(f"{label:40} {statistics.median(times):6.1f}ms {q[18]:6.1f}ms {max(times):6.1f}ms {queries:5d}")
-    finally:
-        connection.close()
-        connection.creation.destroy_test_db(original, verbosity=0)
-        print(f"scratch database {scratch} dropped")
+    run(devices=args.devices, runs=args.runs)
 
 
 if __name__ == "__main__":
