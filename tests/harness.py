@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from urllib.parse import quote
 
@@ -38,18 +39,38 @@ def database_url_for(settings_dict: dict) -> str:
             f"/{settings_dict['NAME']}")
 
 
-class ConsoleServer:
-    """uvicorn + the console's ASGI app in a subprocess."""
+def shared_listener() -> socket.socket:
+    """A listening TCP socket on a free loopback port, for several servers to share (`sock=`)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
 
-    def __init__(self, settings_dict: dict, *, extra_env: dict | None = None, log_dir: Path | None = None) -> None:
-        self.port = free_port()
+
+class ConsoleServer:
+    """uvicorn + the console's ASGI app in a subprocess.
+
+    With `sock`, the server does not bind its own port: it serves on that inherited listening
+    socket (uvicorn `--fd`), so several servers started with the same socket share one port and
+    the kernel hands each new connection to one of them — the "N processes behind one port"
+    layout. Readiness is then read from the server's own log, since /healthz on the shared port
+    may be answered by a sibling.
+    """
+
+    def __init__(self, settings_dict: dict, *, extra_env: dict | None = None, log_dir: Path | None = None,
+                 sock: socket.socket | None = None) -> None:
+        self.sock = sock
+        self.port = sock.getsockname()[1] if sock is not None else free_port()
         self.env = {
             **os.environ,
             "DATABASE_URL": database_url_for(settings_dict),
             "DB_CONN_MAX_AGE": "0",
             **(extra_env or {}),
         }
-        self.log_path = (log_dir or ROOT / ".run" / "logs") / f"test-server-{self.port}.log"
+        name = f"test-server-{self.port}" + (f"-fd-{uuid.uuid4().hex[:8]}" if sock is not None else "")
+        self.log_path = (log_dir or ROOT / ".run" / "logs") / f"{name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
 
@@ -61,18 +82,43 @@ class ConsoleServer:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/agent/v1/"
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
     def start(self, timeout: float = 30) -> ConsoleServer:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> ConsoleServer:
+        """Start the process without waiting for it, so several servers can boot at once. Call it
+        from the thread that stays alive: the child is killed when its parent thread exits."""
         log = self.log_path.open("ab")
+        self._log_offset = log.tell()
+        if self.sock is not None:
+            bind, pass_fds = ["--fd", str(self.sock.fileno())], (self.sock.fileno(),)
+        else:
+            bind, pass_fds = ["--host", "127.0.0.1", "--port", str(self.port)], ()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "console.asgi:application", "--host", "127.0.0.1", "--port",
-             str(self.port), "--ws", "websockets-sansio", "--ws-per-message-deflate", "false", "--lifespan", "off",
-             "--no-access-log", "--ws-max-size", str(1024 * 1024)],
+            [sys.executable, "-m", "uvicorn", "console.asgi:application", *bind, "--ws", "websockets-sansio",
+             "--ws-per-message-deflate", "false", "--lifespan", "off", "--no-access-log",
+             "--ws-max-size", str(1024 * 1024)],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            pass_fds=pass_fds,
         )
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> ConsoleServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"console server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.sock is not None:
+                with self.log_path.open("rb") as started:
+                    started.seek(self._log_offset)
+                    if b"Uvicorn running on" in started.read():
+                        return self
+                time.sleep(0.1)
+                continue
             try:
                 with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=1) as response:
                     if response.status == 200:
