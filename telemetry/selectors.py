@@ -115,6 +115,8 @@ def parse_bucket(bucket: str) -> int:
         raise InvalidInput(f"bucket must be auto, raw, or a duration like 30s, 1m, 5m, 1h; not {bucket!r}") from None
     if value <= 0:
         raise InvalidInput("bucket must be positive")
+    if value * unit > 366 * 86400:
+        raise InvalidInput(f"bucket {bucket[:40]!r} is longer than a year")
     return value * unit
 
 

@@ -176,6 +176,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Every operation's error answers (one shape, fleet.api.errors) are part of the contract.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "fleet.api.schema.add_error_responses"],
     # Stable enum names where several fields share a name (component, kind).
     "ENUM_NAME_OVERRIDES": {
         "ComponentEnum": "rollouts.models.Kind",

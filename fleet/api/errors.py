@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import DataError
 from django.db.models import ProtectedError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -40,6 +41,9 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         )
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    if isinstance(exc, DataError) and "NUL (0x00)" in str(exc):
+        # A NUL in any text that reaches PostgreSQL (a slug lookup, a filter): the caller's input.
+        return Response({"detail": "NUL characters (\\x00) are not allowed in text", "code": "invalid"}, status=400)
     if isinstance(exc, ProtectedError):
         return Response({"detail": f"still in use: {exc.args[0]}", "code": "protected"}, status=409)
     response = drf_exception_handler(exc, context)

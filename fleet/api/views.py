@@ -28,12 +28,12 @@ class SiteViewSet(viewsets.ModelViewSet):
     def perform_create(self, serializer: s.SiteSerializer) -> None:
         data = dict(serializer.validated_data)
         data["timezone_name"] = data.pop("timezone", "UTC")
-        serializer.instance = services.site_create(actor=self.request.user, **data)
+        site = services.site_create(actor=self.request.user, **data)
+        serializer.instance = self.get_queryset().get(pk=site.pk)  # with its device_count
 
     def perform_update(self, serializer: s.SiteSerializer) -> None:
-        serializer.instance = services.site_update(
-            actor=self.request.user, site=serializer.instance, **serializer.validated_data
-        )
+        site = services.site_update(actor=self.request.user, site=serializer.instance, **serializer.validated_data)
+        serializer.instance = self.get_queryset().get(pk=site.pk)
 
     def perform_destroy(self, instance: Site) -> None:
         services.site_delete(actor=self.request.user, site=instance)
@@ -131,7 +131,7 @@ class DeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
 
     @extend_schema(methods=["GET"], responses=s.DeviceCommandSerializer(many=True))
     @extend_schema(methods=["POST"], request=s.CommandIssueSerializer, responses={201: s.DeviceCommandSerializer})
-    @action(detail=True, methods=["get", "post"])
+    @action(detail=True, methods=["get", "post"], pagination_class=None)  # the 100 most recent, unpaged
     def commands(self, request: Request, uid: str) -> Response:
         """Recent commands of the device; `POST` queues a new one (delivered now or on reconnect)."""
         device = self.get_object()
@@ -169,12 +169,12 @@ class DeviceGroupViewSet(viewsets.ModelViewSet):
     action_permissions = {"members": ["fleet.change_devicegroup"]}
 
     def perform_create(self, serializer: s.DeviceGroupSerializer) -> None:
-        serializer.instance = services.group_create(actor=self.request.user, **serializer.validated_data)
+        group = services.group_create(actor=self.request.user, **serializer.validated_data)
+        serializer.instance = self.get_queryset().get(pk=group.pk)  # with its device_count
 
     def perform_update(self, serializer: s.DeviceGroupSerializer) -> None:
-        serializer.instance = services.group_update(
-            actor=self.request.user, group=serializer.instance, **serializer.validated_data
-        )
+        group = services.group_update(actor=self.request.user, group=serializer.instance, **serializer.validated_data)
+        serializer.instance = self.get_queryset().get(pk=group.pk)
 
     def perform_destroy(self, instance: DeviceGroup) -> None:
         services.group_delete(actor=self.request.user, group=instance)

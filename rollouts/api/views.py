@@ -32,6 +32,7 @@ class SigningKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
 
     queryset = SigningKey.objects.all()
     serializer_class = s.SigningKeySerializer
+    search_fields = ["key_id"]  # the schema documents `search` on every list; make it mean something
     lookup_field = "key_id"
     action_permissions = {
         "create": ["rollouts.add_signingkey"],
@@ -206,11 +207,15 @@ def download(request: HttpRequest, token: str) -> FileResponse | JsonResponse:
                                        "offer is sent again (reconnect or retry)")
     except dj_signing.BadSignature:
         return _refuse(403, "bad_token", "this download link is not valid")
-    execution = (Execution.objects.select_related("variant").filter(pk=claims.get("e")).first()
+    execution = (Execution.objects.select_related("variant", "device").filter(pk=claims.get("e")).first()
                  if isinstance(claims, dict) else None)
     if (execution is None or execution.variant_id != claims.get("v") or execution.attempt != claims.get("a")
             or execution.state not in DOWNLOADABLE):
         return _refuse(410, "gone", "this execution is no longer downloading (finished, canceled or re-offered)")
+    if execution.device.status != "active":
+        # An offer handed out before the device was quarantined (or decommissioned) must not
+        # still deliver the artifact: quarantined devices receive no updates.
+        return _refuse(403, "not_allowed", f"the device is {execution.device.status}; it may not download updates")
     variant = execution.variant
     response = FileResponse(variant.file.open("rb"), as_attachment=True,
                             filename=variant.file.name.rsplit("/", 1)[-1], content_type="application/octet-stream")

@@ -43,7 +43,7 @@ class Base64KeyField(serializers.Field):
 class EnrollmentTokenSerializer(serializers.ModelSerializer):
     site = serializers.SlugRelatedField(slug_field="slug", queryset=Site.objects.all(), required=False, allow_null=True)
     state = serializers.SerializerMethodField()
-    created_by = serializers.StringRelatedField()
+    created_by = serializers.StringRelatedField(allow_null=True)  # null for tokens made by the system or a script
 
     class Meta:
         model = EnrollmentToken

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import django_filters
 from django.http import StreamingHttpResponse
+from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -100,7 +101,7 @@ class DeviceKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
     def rotate(self, request: Request, uid: str) -> Response:
         body = s.RotateKeySerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        device = Device.objects.get(uid=uid)
+        device = get_object_or_404(Device, uid=uid)
         key = services.device_key_rotate(actor=request.user, device=device, public_key=body.validated_data["public_key"])
         return Response(s.DeviceKeySerializer(key).data)
 
@@ -110,7 +111,7 @@ class DeviceKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
         body = s.RevokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         device = services.device_revoke(
-            actor=request.user, device=Device.objects.get(uid=uid), reason=body.validated_data["reason"]
+            actor=request.user, device=get_object_or_404(Device, uid=uid), reason=body.validated_data["reason"]
         )
         return Response(DeviceSerializer(device).data)
 
@@ -200,6 +201,7 @@ class DeviceTrustViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     queryset = DeviceTrust.objects.select_related("device")
     serializer_class = s.DeviceTrustSerializer
     filterset_fields = ["state", "last_status"]
+    ordering = ["device_id"]  # its primary key is the device: there is no `id` to page by
     lookup_field = "device__uid"
     lookup_url_kwarg = "uid"
     action_permissions = {
@@ -211,14 +213,14 @@ class DeviceTrustViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     @action(detail=False, methods=["post"], url_path=r"(?P<uid>[^/]+)/attest")
     def attest(self, request: Request, uid: str) -> Response:
         """Send the device an attestation challenge now (if it is connected)."""
-        attestation.attestation_request(actor=request.user, device=Device.objects.get(uid=uid))
+        attestation.attestation_request(actor=request.user, device=get_object_or_404(Device, uid=uid))
         return Response(status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={200: None})
     @action(detail=False, methods=["post"], url_path=r"(?P<uid>[^/]+)/approve-ek")
     def approve_ek(self, request: Request, uid: str) -> Response:
         """Trust a TPM endorsement key that came without a valid certificate."""
-        identity = attestation.tpm_ek_approve(actor=request.user, device=Device.objects.get(uid=uid))
+        identity = attestation.tpm_ek_approve(actor=request.user, device=get_object_or_404(Device, uid=uid))
         return Response({"device": uid, "ek_sha256": identity.ek_sha256, "ek_approved": identity.ek_approved})
 
 

@@ -54,28 +54,43 @@ class CSVRenderer(renderers.BaseRenderer):
 def parse_time(value: str | None, name: str, default: dt.datetime) -> dt.datetime:
     if value in (None, ""):
         return default
-    if value.lstrip("-").isdigit():
-        return dt.datetime.fromtimestamp(int(value) / 1000, tz=dt.UTC)
+    if value.lstrip("-").isascii() and value.lstrip("-").isdigit():  # `isdigit` alone also passes '²'
+        try:
+            return dt.datetime.fromtimestamp(int(value) / 1000, tz=dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise InvalidInput(f"{name}: {value[:40]!r} epoch milliseconds are out of range") from None
     try:
         parsed = parse_datetime(value)
     except ValueError:
         parsed = None
     if parsed is None:
-        raise InvalidInput(f"{name}: {value!r} is not a time; use ISO 8601 (2025-01-31T12:00:00Z) or epoch milliseconds")
+        raise InvalidInput(f"{name}: {value[:80]!r} is not a time; use ISO 8601 (2025-01-31T12:00:00Z) or epoch "
+                           "milliseconds")
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _range(request: Request, default_span: dt.timedelta = dt.timedelta(hours=1)) -> tuple[dt.datetime, dt.datetime]:
     end = parse_time(request.query_params.get("end"), "end", timezone.now())
-    start = parse_time(request.query_params.get("start"), "start", end - default_span)
+    try:
+        start = parse_time(request.query_params.get("start"), "start", end - default_span)
+    except OverflowError:
+        raise InvalidInput("end: too early to have a default start; give start too") from None
     if end <= start:
         raise InvalidInput("end must be after start")
     return start, end
 
 
+def _text_params(request: Request, name: str) -> list[str]:
+    """A repeatable text parameter; NUL characters are refused here (PostgreSQL text cannot hold them)."""
+    values = request.query_params.getlist(name)
+    if any("\x00" in value for value in values):
+        raise InvalidInput(f"{name}: NUL characters are not allowed")
+    return values
+
+
 def _devices(request: Request, *, cap: int, required: bool = True) -> tuple[list[tuple[int, str]], bool, bool]:
     """(id, uid) of the devices named by `device=` (repeatable) or `selector=`; truncated?; by selector?"""
-    uids = request.query_params.getlist("device")
+    uids = _text_params(request, "device")
     selector = request.query_params.get("selector")
     if uids and selector:
         raise InvalidInput("give either device=… or selector=…, not both")
@@ -95,7 +110,7 @@ def _devices(request: Request, *, cap: int, required: bool = True) -> tuple[list
 
 
 def _metric_names(request: Request) -> list[str]:
-    names = request.query_params.getlist("metric")
+    names = _text_params(request, "metric")
     if not names:
         raise InvalidInput("give metric=<name> (repeatable)")
     return names
@@ -224,7 +239,7 @@ class AlertViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
 
     def get_queryset(self) -> QuerySet:
         queryset = super().get_queryset()
-        device = self.request.query_params.get("device")
+        device = (_text_params(self.request, "device") or [None])[-1]
         return queryset.filter(device__uid=device) if device else queryset
 
     @extend_schema(request=s.AcknowledgeSerializer, responses=s.AlertSerializer)
@@ -244,5 +259,5 @@ class DeviceEventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
 
     def get_queryset(self) -> QuerySet:
         queryset = super().get_queryset()
-        device = self.request.query_params.get("device")
+        device = (_text_params(self.request, "device") or [None])[-1]
         return queryset.filter(device__uid=device) if device else queryset
