@@ -14,7 +14,14 @@
      1-minute buckets (the device page chart / `GET /api/v1/telemetry/series`); target p95 ≤ 50 ms;
    - fleet overview: the dashboard's overview page rendered by Django's test client as an admin
      (target p95 ≤ 200 ms), and `selectors.fleet_aggregate` by site over 24 h;
-   - latest values for the fleet: `selectors.latest` for every device, one metric; target p95 ≤ 50 ms.
+   - fleet chart over 7 days: `selectors.fleet_aggregate` by site and by tier over 7 days (the
+     fleet-level hourly rollup; target p95 ≤ 200 ms), and for comparison the same over the
+     per-device 1-hour rollups (the path used before the fleet rollup existed);
+   - latest values for the fleet: `selectors.latest` for every device, one metric (the catalog
+     table the flusher maintains; target p95 ≤ 50 ms), and for comparison the former one
+     LATERAL index probe per device over the raw points. The load bypasses the flusher, so the
+     catalog's latest values are filled once from the raw rows (as migration 0003 does).
+   Use --hours 168 to give the 7-day figures a week of data.
 Prints load and rollup times and the table sizes (disk). Drops the scratch database at the end.
 """
 
@@ -122,6 +129,52 @@ def refresh_rollups(start: dt.datetime, end: dt.datetime) -> dict:
     return {"rollup_s": time.monotonic() - t0, "watermark": str(out.get("watermark"))}
 
 
+def fill_latest() -> None:
+    """The load bypassed the flusher: set each series' latest value from the raw rows."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO telemetry_devicemetric (device_id, metric_id, first_seen, last_time, last_value) "
+            "SELECT DISTINCT ON (device_id, metric_id) device_id, metric_id, now(), time, value FROM telemetry_point "
+            "ORDER BY device_id, metric_id, time DESC, value DESC ON CONFLICT (device_id, metric_id) DO UPDATE "
+            "SET last_time = EXCLUDED.last_time, last_value = EXCLUDED.last_value")
+        cursor.execute("VACUUM ANALYZE telemetry_devicemetric")
+
+
+def latest_from_raw(metric_id: int, device_ids: list[int], window_s: int = 86400) -> dict:
+    """The former `selectors.latest`: one LATERAL index probe per device over the raw points."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT d.id, p.time, p.value FROM unnest(%s::int[]) AS d(id) CROSS JOIN LATERAL ("
+            " SELECT time, value FROM telemetry_point WHERE device_id = d.id AND metric_id = %s"
+            " AND time >= now() - %s * interval '1 second' ORDER BY time DESC LIMIT 1) AS p",
+            [device_ids, metric_id, window_s])
+        return {r[0]: r[1:] for r in cursor.fetchall()}
+
+
+def timed_without_fleet_rollup(fn, runs: int) -> list[float]:
+    """Time `fn` with the fleet rollup marked as starting tomorrow: fleet_aggregate then reads the
+    per-device rollups, as it did before the fleet rollup existed."""
+    from django.utils import timezone
+
+    from telemetry.models import RollupState
+    from telemetry.rollups import FLEET_SINCE_STATE
+
+    state = RollupState.objects.filter(name=FLEET_SINCE_STATE).first()
+    RollupState.objects.update_or_create(name=FLEET_SINCE_STATE,
+                                         defaults={"watermark": timezone.now() + dt.timedelta(days=1)})
+    try:
+        return timed(fn, runs, warmup=1)
+    finally:
+        if state is None:
+            RollupState.objects.filter(name=FLEET_SINCE_STATE).delete()
+        else:
+            state.save()
+
+
 def sizes() -> dict:
     from django.db import connection
 
@@ -174,6 +227,7 @@ def run(*, rows: int = 50_000_000, devices: int = 10_000, metrics: int = 2, hour
         print(f"[queries] COPY {load['rows']:,} rows in {load['copy_s']:.1f}s, index rebuilt in "
               f"{load['index_s']:.1f}s; refreshing rollups …", flush=True)
         roll = refresh_rollups(load["start"], end)
+        fill_latest()
         disk = sizes()
         print(f"[queries] rollups in {roll['rollup_s']:.1f}s; sizes {disk}", flush=True)
 
@@ -194,6 +248,12 @@ def run(*, rows: int = 50_000_000, devices: int = 10_000, metrics: int = 2, hour
         latest_ms = timed(lambda: selectors.latest(metric_id=metric, device_ids=device_ids), runs)
         agg_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=now - dt.timedelta(hours=24),
                                                           end=now), runs)
+        week = now - dt.timedelta(days=7)
+        week_site_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=week, end=now), runs)
+        week_tier_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="tier", start=week, end=now), runs)
+        week_before_ms = timed_without_fleet_rollup(
+            lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=week, end=now), min(runs, 10))
+        latest_before_ms = timed(lambda: latest_from_raw(metric, device_ids), min(runs, 10), warmup=1)
         user, _, _ = operator_upsert(actor="bench", username="bench-admin", role="admin", password="x" * 16)
         client = Client(HTTP_HOST="localhost")
         client.force_login(user)
@@ -215,7 +275,11 @@ def run(*, rows: int = 50_000_000, devices: int = 10_000, metrics: int = 2, hour
         *rows_for(f"device chart 24 h at 1 min ({points} points)", chart_ms, 50),
         *rows_for(f"fleet overview page ({devices:,} devices, {page_queries} SQL queries)", page_ms, 200),
         *rows_for("fleet aggregate by site, 24 h", agg_ms, None),
+        *rows_for("fleet chart 7 d by site (fleet rollup)", week_site_ms, 200),
+        *rows_for("fleet chart 7 d by tier (fleet rollup)", week_tier_ms, 200),
+        *rows_for("fleet chart 7 d by site, per-device 1 h rollups (before)", week_before_ms, None),
         *rows_for(f"latest values for the fleet ({latest_n:,} devices)", latest_ms, 50),
+        *rows_for("latest values, one LATERAL probe per device on raw points (before)", latest_before_ms, None),
     ]
     return result("queries", out_rows, telemetry_rows=load["rows"], devices=devices, metrics=metrics, hours=hours, runs=runs,
                   point_every_s=round(load["step_s"], 2), seed_s=round(seed_s, 1), copy_s=round(load["copy_s"], 1),

@@ -28,6 +28,9 @@ DEFAULTS: dict[str, Any] = {
     "CONNECT_TIMEOUT_S": 3.0,
     "DOWN_BACKOFF_S": 2.0,
     "MAX_METRICS_PER_DEVICE": 200,
+    # The flusher writes each series' newest committed point to telemetry_devicemetric at most
+    # this often (one statement, after commit): how stale `selectors.latest` may be.
+    "LATEST_FLUSH_MS": 2000,
     # Rollups: a 1-minute bucket is closed (and rolled up) once it ended this long ago; points
     # older than LATE_MARK_S when they arrive are marked so their hour is re-aggregated.
     "ROLLUP_CLOSE_LAG_S": 120,

@@ -26,6 +26,12 @@ instead of queueing work that cannot be written. The queue is bounded in rows: p
 Metric names map to 2-byte ids through `telemetry_metric` (cached in process); a device may
 report at most TELEMETRY_MAX_METRICS_PER_DEVICE distinct metrics: points of new metrics past
 the cap are rejected (`metric_cardinality_exceeded`), the rest of the frame is stored.
+
+Latest values: after each commit the flusher keeps, in memory, the newest stored point of every
+(device, metric) it wrote; at most every TELEMETRY_LATEST_FLUSH_MS it writes the changed series
+to `telemetry_devicemetric.last_time/last_value` in ONE statement on its own connection, outside
+any ingest transaction, and only ever forwards (`_write_latest`). Derived data: a crash loses at
+most that interval, and the series' next point repairs it.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ class _Frame:
     payload: bytes = b""
     rows: int = 0
     min_t: int | None = None
+    newest: dict[int, tuple[int, float]] = field(default_factory=dict)  # metric id -> (t, value) stored
 
 
 def connection_kwargs(settings_dict: dict) -> dict:
@@ -133,6 +140,7 @@ class Flusher:
         late_mark_s: float | None = None,
         connections: int | None = None,
         settings_dict: dict | Callable[[], dict] | None = None,
+        latest_flush_ms: float | None = None,
     ) -> None:
         self.max_batch_rows = max_batch_rows or conf.get("FLUSH_MAX_ROWS")
         self.flush_interval = (flush_interval_ms if flush_interval_ms is not None else conf.get("FLUSH_INTERVAL_MS")) / 1000
@@ -144,6 +152,11 @@ class Flusher:
         self.late_mark_ms = int(1000 * (late_mark_s if late_mark_s is not None else conf.get("LATE_MARK_S")))
         self._settings_dict = settings_dict or _django_settings_dict
         self.connections = connections or conf.get("FLUSH_CONNECTIONS")
+        self.latest_interval = (latest_flush_ms if latest_flush_ms is not None else conf.get("LATEST_FLUSH_MS")) / 1000
+        # Newest committed point per (device, metric) not yet written to telemetry_devicemetric.
+        self._latest: dict[tuple[int, int], tuple[int, float]] = {}
+        self._latest_conn: psycopg.AsyncConnection | None = None
+        self._latest_task: asyncio.Task | None = None
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -170,7 +183,7 @@ class Flusher:
         # Test hook: awaited inside the transaction after the COPY, before the commit.
         self._before_commit: Callable[[], Awaitable[None]] | None = None
 
-        self.stats = {"flushes": 0, "frames": 0, "rows": 0, "failures": 0}
+        self.stats = {"flushes": 0, "frames": 0, "rows": 0, "failures": 0, "latest_writes": 0, "latest_rows": 0}
 
     # ------------------------------------------------------------------ public API
 
@@ -213,6 +226,7 @@ class Flusher:
             self._wakeup.set()
             self._full.set()
             await self._task
+        await self._stop_latest()
         for slot in range(self.connections):
             await self._drop_connection(slot)
         self._closed = True
@@ -231,6 +245,7 @@ class Flusher:
         for slot in range(self.connections):
             self._slots.put_nowait(slot)
         self._task = loop.create_task(self._run(), name="telemetry-flusher")
+        self._latest_task = loop.create_task(self._latest_loop(), name="telemetry-latest")
 
     def _retry_after_ms(self) -> int:
         return int(min(5000, max(50, 1000 * self._queued_rows / max(self._rate, 1.0))))
@@ -388,17 +403,23 @@ class Flusher:
         rejected = frame.rejected
         parts = []
         min_t = None
+        newest: dict[int, tuple[int, float]] = {}
         try:
             for i, (t, name, value) in enumerate(frame.points):
                 if rejected and i in rejected:
                     continue
-                parts.append(pack(4, 8, (t - _PG_EPOCH_MS) * 1000, 4, dev, 2, ids[name], 8, value))
+                mid = ids[name]
+                parts.append(pack(4, 8, (t - _PG_EPOCH_MS) * 1000, 4, dev, 2, mid, 8, value))
                 if min_t is None or t < min_t:
                     min_t = t
+                seen = newest.get(mid)
+                if seen is None or (t, value) > seen:  # newer, or as new and larger (the rollups' `last`)
+                    newest[mid] = (t, value)
         except (struct.error, TypeError, KeyError, ValueError):
             # A point the consumer should have rejected: reject it here, one by one, keep the rest.
             parts = []
             min_t = None
+            newest = {}
             for i, point in enumerate(frame.points):
                 if rejected and i in rejected:
                     continue
@@ -406,12 +427,16 @@ class Flusher:
                     t, name, value = point
                     parts.append(pack(4, 8, (int(t) - _PG_EPOCH_MS) * 1000, 4, dev, 2, ids[name], 8, float(value)))
                     min_t = int(t) if min_t is None else min(min_t, int(t))
+                    seen = newest.get(ids[name])
+                    if seen is None or (int(t), float(value)) > seen:
+                        newest[ids[name]] = (int(t), float(value))
                 except (struct.error, TypeError, KeyError, ValueError, OverflowError):
                     unknown = isinstance(point, tuple | list) and len(point) == 3 and point[1] not in ids
                     rejected[i] = REASON_CATALOG_FULL if unknown else REASON_INVALID
         frame.payload = b"".join(parts)
         frame.rows = len(parts)
         frame.min_t = min_t
+        frame.newest = newest
 
     async def _flush_once(self, batch: list[_Frame], slot: int,
                           locked: asyncio.Future) -> list[tuple[_Frame, IngestResult]]:
@@ -493,6 +518,7 @@ class Flusher:
         # Committed.
         for device_id, metric_ids in new_pairs.items():
             self._device_metrics.setdefault(device_id, set()).update(metric_ids)
+        self._note_latest(stored)
         results = []
         for frame in stored:
             results.append((frame, IngestResult("stored", sorted(frame.rejected.items()))))
@@ -501,6 +527,81 @@ class Flusher:
             status = "duplicate" if position is not None and frame.seq <= position else "conflict"
             results.append((frame, IngestResult(status, [])))
         return results
+
+    # ------------------------------------------------------------------ latest values
+
+    def _note_latest(self, frames: list[_Frame]) -> None:
+        """Remember the newest committed point per (device, metric) until the next latest write."""
+        latest = self._latest
+        for frame in frames:
+            dev = frame.device_id
+            for mid, point in frame.newest.items():
+                seen = latest.get((dev, mid))
+                if seen is None or point > seen:
+                    latest[(dev, mid)] = point
+
+    async def _latest_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.latest_interval)
+            try:
+                await self._write_latest()
+            except Exception as exc:  # noqa: BLE001 -- derived data: keep the values, retry next interval
+                log.warning("writing latest telemetry values failed (will retry): %r", exc)
+
+    async def _stop_latest(self) -> None:
+        """At close: stop the periodic writer, write what is left (best effort), close its connection."""
+        if self._latest_task is not None:
+            self._latest_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._latest_task
+        try:
+            await self._write_latest()
+        except Exception as exc:  # noqa: BLE001 -- derived data; the next point repairs it
+            log.warning("writing latest telemetry values at close failed: %r", exc)
+        conn, self._latest_conn = self._latest_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2)
+
+    async def _write_latest(self) -> None:
+        """One UPDATE for every series that got newer points since the last write. Never moves a
+        series backwards (the comparison is in the WHERE: late points and other processes' newer
+        writes win over nothing). Rows are taken in (device, metric) order. On failure the values
+        go back into the pending set (unless newer ones arrived meanwhile)."""
+        if not self._latest:
+            return
+        pending, self._latest = self._latest, {}
+        keys = sorted(pending)
+        try:
+            conn = self._latest_conn
+            if conn is None or conn.closed:
+                settings_dict = self._settings_dict() if callable(self._settings_dict) else self._settings_dict
+                kwargs = connection_kwargs(settings_dict)
+                kwargs["options"] = (f"{kwargs.get('options', '')} "
+                                     f"-c statement_timeout={int(self.flush_timeout * 1000)}").strip()
+                conn = self._latest_conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(
+                    autocommit=True, connect_timeout=max(1, int(self.connect_timeout)),
+                    application_name="telemetry-latest", **kwargs), self.connect_timeout + 1)
+            await asyncio.wait_for(conn.execute(
+                "UPDATE telemetry_devicemetric AS dm SET last_time = v.t, last_value = v.v FROM ("
+                " SELECT d, m, timestamptz 'epoch' + t * interval '1 millisecond' AS t, v"
+                " FROM unnest(%s::bigint[], %s::smallint[], %s::bigint[], %s::float8[]) AS u(d, m, t, v)) AS v "
+                "WHERE dm.device_id = v.d AND dm.metric_id = v.m AND (dm.last_time IS NULL OR dm.last_time < v.t"
+                " OR (dm.last_time = v.t AND dm.last_value < v.v))",
+                [[k[0] for k in keys], [k[1] for k in keys], [pending[k][0] for k in keys], [pending[k][1] for k in keys]],
+            ), self.flush_timeout)
+        except BaseException:
+            for key, point in pending.items():
+                seen = self._latest.get(key)
+                if seen is None or point > seen:
+                    self._latest[key] = point
+            conn, self._latest_conn = self._latest_conn, None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            raise
+        self.stats["latest_writes"] += 1
+        self.stats["latest_rows"] += len(keys)
 
     async def _check_cardinality(self, cur: psycopg.AsyncCursor, advanced: set[int],
                                  runs: dict[int, list[_Frame]]) -> dict[int, set[int]]:

@@ -6,6 +6,14 @@ a minute is closed once it ended TELEMETRY_ROLLUP_CLOSE_LAG_S ago (the late-data
 arriving up to that late are simply included) — then recomputes the 1-hour buckets touched from
 the 1-minute ones (the current hour included, so hours are complete up to the watermark).
 
+Fleet rollup: `telemetry_rollup_fleet_1h` holds one row per (hour, metric, dimension, key) — the
+dimension is site, tier or group, the key the site slug ('' for none), tier or group slug — with
+the same columns as the per-device rollups plus `devices` (devices that reported in that hour).
+Each refresh step recomputes it for the hours whose 1-hour rows it recomputed, and the late-data
+path for the hours it re-aggregated, from `telemetry_rollup_1h` joined to the devices' site, tier
+and groups at that moment (so a closed hour keeps the membership it was rolled up with). It is
+what `selectors.fleet_aggregate` reads for long ranges over the whole fleet.
+
 Later points: the flusher marks (device, hour) in `telemetry_late`, in the same transaction as
 the points, for every point older than TELEMETRY_LATE_MARK_S when it arrives. `refresh()` then
 re-aggregates those devices' hours from raw data (bounded batches), so rollups converge to the
@@ -46,6 +54,60 @@ _UPSERT = """
         last = EXCLUDED.last, last_time = EXCLUDED.last_time
 """
 _COLUMNS = "(bucket, device_id, metric_id, count, sum, min, max, last, last_time)"
+
+
+FLEET_TABLE = "telemetry_rollup_fleet_1h"
+FLEET_SETUP_SQL = [
+    f"""CREATE TABLE {FLEET_TABLE} (
+        bucket timestamptz NOT NULL,
+        metric_id smallint NOT NULL,
+        dim text NOT NULL,
+        key text NOT NULL,
+        devices integer NOT NULL,
+        count bigint NOT NULL,
+        sum double precision NOT NULL,
+        min double precision NOT NULL,
+        max double precision NOT NULL,
+        last double precision NOT NULL,
+        last_time timestamptz NOT NULL,
+        PRIMARY KEY (metric_id, dim, bucket, key)
+    )""",
+]
+FLEET_TEARDOWN_SQL = [f"DROP TABLE IF EXISTS {FLEET_TABLE}"]
+# The fleet rollup is complete from this time on (migration 0003 backfilled it from there).
+FLEET_SINCE_STATE = "fleet_rollup_since"
+
+_FLEET_KEYS = {
+    "site": ("coalesce(s.slug, '')", "JOIN fleet_device d ON d.id = r.device_id LEFT JOIN fleet_site s ON s.id = d.site_id"),
+    "tier": ("d.tier::text", "JOIN fleet_device d ON d.id = r.device_id"),
+    "group": ("g.slug", "JOIN fleet_devicegroup_devices gd ON gd.device_id = r.device_id "
+                        "JOIN fleet_devicegroup g ON g.id = gd.devicegroup_id"),
+}
+
+
+def refresh_fleet(cursor: Any, hours: list[dt.datetime]) -> None:
+    """Recompute the fleet rollup rows of these hours from the 1-hour per-device rollups."""
+    if not hours:
+        return
+    cursor.execute(f"DELETE FROM {FLEET_TABLE} WHERE bucket = ANY(%s::timestamptz[])", [hours])  # noqa: S608 -- constant
+    selects = [
+        f"SELECT r.bucket, r.metric_id, '{dim}', {key}, count(*), {_ROLLUP_AGG} FROM r {joins} GROUP BY 1, 2, 4"  # noqa: S608
+        for dim, (key, joins) in _FLEET_KEYS.items()
+    ]
+    # The hours' 1-hour rows are read once (materialized), then grouped by each dimension.
+    columns = "(bucket, metric_id, dim, key, devices, count, sum, min, max, last, last_time)"
+    sql = f"INSERT INTO {FLEET_TABLE} {columns} WITH r AS MATERIALIZED ("
+    sql += "SELECT * FROM telemetry_rollup_1h WHERE bucket = ANY(%(hours)s::timestamptz[])) "
+    cursor.execute(sql + " UNION ALL ".join(selects), {"hours": hours})
+
+
+def _hours(start: dt.datetime, end: dt.datetime) -> list[dt.datetime]:
+    """The hours of [floor_hour(start), end) as a list."""
+    out, at = [], floor_hour(start)
+    while at < end:
+        out.append(at)
+        at += dt.timedelta(hours=1)
+    return out
 
 
 def floor_minute(t: dt.datetime) -> dt.datetime:
@@ -106,6 +168,7 @@ def refresh(*, now: dt.datetime | None = None) -> dict[str, Any]:
                     f"FROM telemetry_rollup_1m WHERE bucket >= %s AND bucket < %s GROUP BY 1, 2, 3 {_UPSERT}",
                     [floor_hour(start), floor_hour(end) + dt.timedelta(hours=1)],
                 )
+                refresh_fleet(cursor, _hours(start, floor_hour(end) + dt.timedelta(hours=1)))
             state.watermark = end
             state.save(update_fields=["watermark", "updated_at"])
             steps += 1
@@ -153,6 +216,7 @@ def refresh_late(*, batch: int | None = None) -> int:
                     f"GROUP BY 1, 2, 3 {_UPSERT}",
                     [devices, hours],
                 )
+                refresh_fleet(cursor, sorted(set(hours)))
             done += len(marks)
         if len(marks) < batch:
             return done
@@ -170,6 +234,9 @@ def apply_retention(*, now: dt.datetime | None = None) -> dict[str, Any]:
                                 ("telemetry_rollup_1h", conf.get("ROLLUP_1H_RETENTION_DAYS"))):
                 cursor.execute(f"DELETE FROM {table} WHERE bucket < %s", [now - dt.timedelta(days=days)])  # noqa: S608 -- constant table names
                 out[f"deleted_{table}"] = cursor.rowcount
+            cursor.execute(f"DELETE FROM {FLEET_TABLE} WHERE bucket < %s",  # noqa: S608 -- constant table name
+                           [now - dt.timedelta(days=conf.get("ROLLUP_1H_RETENTION_DAYS"))])
+            out[f"deleted_{FLEET_TABLE}"] = cursor.rowcount
             cursor.execute("DELETE FROM telemetry_late WHERE hour < %s", [now - dt.timedelta(days=raw_days)])
     cutoff = now - dt.timedelta(days=conf.get("EVENT_RETENTION_DAYS"))
     out["deleted_events"] = DeviceEvent.objects.filter(time__lt=cutoff).delete()[0]

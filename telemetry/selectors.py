@@ -188,15 +188,18 @@ def series(*, device_ids: list[int], metric_ids: list[int], start: dt.datetime, 
 def latest(*, metric_id: int, device_ids: list[int], window_s: int | None = None) -> dict[int, tuple[dt.datetime, float]]:
     """The latest value of one metric per device, within the last `window_s` seconds.
 
-    One index probe per device (btree (device_id, metric_id, time), newest first) over the
-    recent partitions only: cost grows with the devices asked for, not with the data."""
+    Read from the (device, metric) catalog `telemetry_devicemetric`, whose `last_time`/`last_value`
+    the ingest flusher keeps (at most TELEMETRY_LATEST_FLUSH_MS behind the stored points): one
+    indexed query over one row per device, whatever the number of devices or the data volume."""
     window_s = window_s or conf.get("LATEST_WINDOW_S")
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT d.id, p.time, p.value FROM unnest(%s::int[]) AS d(id) CROSS JOIN LATERAL ("
-            " SELECT time, value FROM telemetry_point WHERE device_id = d.id AND metric_id = %s"
-            " AND time >= now() - %s * interval '1 second' ORDER BY time DESC LIMIT 1) AS p",
-            [list(device_ids), metric_id, window_s],
+            # A join on unnest, not `device_id = ANY(array)`: with 10,000 ids the planner's per-element
+            # selectivity estimate of ANY alone took ~100 ms; this plans in < 1 ms (hash join).
+            "SELECT dm.device_id, dm.last_time, dm.last_value FROM telemetry_devicemetric dm "
+            "JOIN unnest(%s::bigint[]) AS d(id) ON d.id = dm.device_id "
+            "WHERE dm.metric_id = %s AND dm.last_time >= now() - %s * interval '1 second'",
+            [list(dict.fromkeys(device_ids)), metric_id, window_s],
         )
         return {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
 
@@ -212,7 +215,13 @@ FLEET_GROUPINGS = {
 def fleet_aggregate(*, metric_id: int, by: str, start: dt.datetime, end: dt.datetime, agg: str = "avg",
                     device_ids: list[int] | None = None) -> list[dict[str, Any]]:
     """One value per site, tier or group over [start, end), from rollups only (1 h rollups for
-    ranges over two days). Optionally restricted to some devices."""
+    ranges over two days). Optionally restricted to some devices.
+
+    Over two days for the whole fleet (no `device_ids`) on the plain backend, the answer comes from
+    the fleet-level hourly rollup (`rollups.FLEET_TABLE`, a few rows per hour and key, whatever
+    the number of devices); there `devices` is the most devices that reported in any one hour of
+    the range (distinct devices over the whole range are not kept). Otherwise from the per-device
+    rollups, `devices` being the distinct devices that reported in the range."""
     if by not in FLEET_GROUPINGS:
         raise InvalidInput(f"by must be one of {', '.join(FLEET_GROUPINGS)}, not {by!r}")
     if agg not in _ROLLUP_AGG or agg == "sum":
@@ -222,6 +231,8 @@ def fleet_aggregate(*, metric_id: int, by: str, start: dt.datetime, end: dt.date
     if end - start > dt.timedelta(days=conf.get("FLEET_MAX_SPAN_DAYS")):
         raise InvalidInput(f"fleet aggregates cover at most {conf.get('FLEET_MAX_SPAN_DAYS')} days")
     table = "telemetry_rollup_1h" if end - start > dt.timedelta(days=2) else "telemetry_rollup_1m"
+    if table == "telemetry_rollup_1h" and device_ids is None and _fleet_rollup_covers(start):
+        return _fleet_rollup_aggregate(metric_id=metric_id, by=by, start=start, end=end, agg=agg)
     key, joins = FLEET_GROUPINGS[by]
     params: dict[str, Any] = {"metric": metric_id, "start": start, "end": end, "devices": device_ids}
     device_filter = "AND r.device_id = ANY(%(devices)s)" if device_ids is not None else ""
@@ -230,6 +241,27 @@ def fleet_aggregate(*, metric_id: int, by: str, start: dt.datetime, end: dt.date
            f"{device_filter} GROUP BY 1 ORDER BY 1")
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+        return [{"key": k, "value": v, "devices": n, "samples": int(c or 0)} for k, v, n, c in cursor.fetchall()]
+
+
+def _fleet_rollup_covers(start: dt.datetime) -> bool:
+    """Plain backend, and the fleet rollup holds every hour from `start` (see migration 0003)."""
+    from telemetry.rollups import FLEET_SINCE_STATE
+
+    if storage.backend() != "postgres":
+        return False
+    since = RollupState.objects.filter(name=FLEET_SINCE_STATE).values_list("watermark", flat=True).first()
+    return since is None or start >= since
+
+
+def _fleet_rollup_aggregate(*, metric_id: int, by: str, start: dt.datetime, end: dt.datetime,
+                            agg: str) -> list[dict[str, Any]]:
+    from telemetry.rollups import FLEET_TABLE
+
+    sql = (f"SELECT key, {_ROLLUP_AGG[agg]}, max(devices), sum(count) FROM {FLEET_TABLE} "  # noqa: S608 -- fixed fragments
+           "WHERE metric_id = %s AND dim = %s AND bucket >= %s AND bucket < %s GROUP BY 1 ORDER BY 1")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [metric_id, by, start, end])
         return [{"key": k, "value": v, "devices": n, "samples": int(c or 0)} for k, v, n, c in cursor.fetchall()]
 
 

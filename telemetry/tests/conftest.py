@@ -11,4 +11,5 @@ from django.db import connection
 def clean_series(transactional_db):
     yield
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE telemetry_point, telemetry_rollup_1m, telemetry_rollup_1h, telemetry_late")
+        cursor.execute("TRUNCATE telemetry_point, telemetry_rollup_1m, telemetry_rollup_1h, telemetry_late, "
+                       "telemetry_rollup_fleet_1h")
