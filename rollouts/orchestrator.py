@@ -10,6 +10,10 @@ Guarantees
   (`FOR UPDATE SKIP LOCKED`: a second stepper skips the campaign), claims executions with
   `FOR UPDATE SKIP LOCKED` and moves them with `UPDATE … WHERE state = 'pending'`, so no
   execution is offered twice.
+- A doorbell (push) is at most once and follows the commit, so a worker killed in between
+  loses it: a connected device that has not acked an offer within REDELIVER_AFTER_S gets the
+  same offer again; an offer recorded for a device that connected while the step ran is
+  delivered right after the commit (`deliver_if_connected`).
 - Cost per tick follows what changed: the deadline sweep reads only expired rows through a
   partial index (bounded batch); a campaign step reads its current wave's counts from the
   (campaign, wave, state) index and claims at most one bounded batch of pending rows. There
@@ -40,6 +44,7 @@ CS = Campaign.State
 ACTOR = "system:orchestrator"
 TELEMETRY_EVERY_S = 10  # the telemetry gate reads rollups; every 10 s is soon enough
 CONTINUOUS = ("failure", "telemetry")
+REDELIVER_AFTER_S = 20  # a connected device that has not acked an offer by then never got its doorbell
 
 
 def kick(campaign_id: int) -> None:
@@ -201,9 +206,75 @@ def step_campaign(campaign_id: int, *, now: dt.datetime | None = None) -> int:
                 return 0
         frames = _offer_batch(campaign, now)
         campaign.save()
+        resent = _redeliver_lost(campaign, now)
+        if resent:
+            transaction.on_commit(lambda: services.push_offers(resent))
         if frames:
             transaction.on_commit(lambda: services.push_offers([f for f in frames if f[0] is not None]))
+            offline = [f[1]["execution_id"] for f in frames if f[0] is None]
+            if offline:
+                transaction.on_commit(lambda: deliver_if_connected(offline))
     return len(frames)
+
+
+def deliver_if_connected(execution_ids: list[int]) -> int:
+    """After a step commits: deliver offers it recorded for offline devices that are online now.
+
+    The step read `online = false` inside its transaction. An agent that connected meanwhile
+    asked for its pending offers (`services.pending_offers`) before the step committed and
+    got none, and no doorbell follows an offline offer: without this re-check it would wait
+    for its next reconnect while the wave, not blocked by undelivered offers, moves on.
+    Each offer is delivered at most once here (`delivered_at IS NULL`, rows a concurrent
+    `pending_offers` holds are skipped: it is delivering them). Returns offers delivered."""
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            executions = list(
+                Execution.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("campaign", "variant__artifact", "variant__key")
+                .filter(id__in=execution_ids, state=S.OFFERED, delivered_at__isnull=True, variant__isnull=False,
+                        device__online=True, device__status=DeviceStatus.ACTIVE)
+                .exclude(campaign__state=CS.ABORTED).order_by("id")
+            )
+            for execution in executions:
+                Execution.objects.filter(pk=execution.pk, state=S.OFFERED, delivered_at__isnull=True).update(
+                    delivered_at=now, deadline_at=now + dt.timedelta(seconds=execution.campaign.ack_timeout_s),
+                    updated_at=now)
+            frames = [(e.device_id, services.offer_frame(e, e.campaign, now)) for e in executions]
+            if frames:
+                transaction.on_commit(lambda: services.push_offers(frames))
+    except Exception:
+        log.warning("could not re-check %d offline offers; they are delivered on reconnect", len(execution_ids),
+                    exc_info=True)
+        return 0
+    return len(frames)
+
+
+def _redeliver_lost(campaign: Campaign, now: dt.datetime) -> list[tuple[int, dict]]:
+    """Offers whose doorbell was lost: the worker died between the commit and the push (or the
+    at-most-once channel layer dropped it) and the device, still connected, has no reason to
+    reconnect and fetch it. A connected device that has not acked within REDELIVER_AFTER_S gets
+    the same offer again (same execution and attempt, fresh URL; an agent ignores an offer it
+    already has). Otherwise it would wait for the ack timeout and a retry, the wave blocked."""
+    cutoff = now - dt.timedelta(seconds=REDELIVER_AFTER_S)
+    lost = list(
+        Execution.objects.select_for_update(skip_locked=True, of=("self",))
+        .select_related("variant__artifact", "variant__key")
+        .filter(campaign=campaign, state=S.OFFERED, variant__isnull=False, device__online=True,
+                device__status=DeviceStatus.ACTIVE)
+        .filter(Q(delivered_at__lt=cutoff) | Q(delivered_at__isnull=True, offered_at__lt=cutoff))
+        .order_by("id")[:conf.get("OFFER_BATCH")]
+    )
+    if not lost:
+        return []
+    undelivered = [e.id for e in lost if e.delivered_at is None]
+    Execution.objects.filter(id__in=[e.id for e in lost], state=S.OFFERED).update(delivered_at=now, updated_at=now)
+    if undelivered:
+        Execution.objects.filter(id__in=undelivered, state=S.OFFERED).update(
+            deadline_at=now + dt.timedelta(seconds=campaign.ack_timeout_s))
+    log.info("campaign %s: %d offers re-sent to connected devices that never acked them", campaign.id, len(lost))
+    window = services.current_window(campaign, now)
+    return [(e.device_id, services.offer_frame(e, campaign, now, window=window)) for e in lost]
 
 
 SEVERITY = {Campaign.Action.PAUSE: 0, Campaign.Action.ABORT: 1, Campaign.Action.ABORT_AND_REVERT: 2}
@@ -304,13 +375,14 @@ def _offer_batch(campaign: Campaign, now: dt.datetime) -> list[tuple[int | None,
             state=S.OFFERED, hold="", offered_at=now, delivered_at=None, progress=0, next_attempt_at=None,
             deadline_at=now + dt.timedelta(seconds=conf.get("OFFLINE_TTL_S")), updated_at=now)
     campaign.rate_tokens -= len(offer_online) + len(offer_offline)
+    placeholders: list[tuple[int | None, dict]] = [(None, {"execution_id": e}) for e in offer_offline]
     if not offer_online:
-        return [(None, {})] * len(offer_offline)
+        return placeholders
     window = services.current_window(campaign, now)
     executions = (Execution.objects.filter(id__in=offer_online)
                   .select_related("variant__artifact", "variant__key").order_by("wave", "rank"))
     frames: list[tuple[int | None, dict]] = [
         (e.device_id, services.offer_frame(e, campaign, now, window=window)) for e in executions
     ]
-    return frames + [(None, {})] * len(offer_offline)
+    return frames + placeholders
 
