@@ -775,6 +775,10 @@ def pending_offers(*, device_id: int) -> list[dict]:
         if execution.delivered_at is None:
             Execution.objects.filter(pk=execution.pk).update(
                 delivered_at=now, deadline_at=now + dt.timedelta(seconds=campaign.ack_timeout_s), updated_at=now)
+        elif execution.state == S.OFFERED:
+            # A re-send on reconnect counts as a delivery: the orchestrator's lost-push re-send
+            # (orchestrator._redeliver_lost) waits from here, so the device gets no second copy.
+            Execution.objects.filter(pk=execution.pk, state=S.OFFERED).update(delivered_at=now, updated_at=now)
         frames.append(offer_frame(execution, campaign, now))
     return frames
 

@@ -125,3 +125,21 @@ def test_an_offer_whose_doorbell_was_lost_is_sent_again_once_to_the_connected_de
     lost = Execution.objects.get(campaign=campaign, device=silent)
     assert offers_to(pushed, silent.id) == [lost.id] and offers_to(pushed, answering.id) == []
     assert (lost.state, lost.attempt) == (Execution.State.OFFERED, 0)
+
+
+def test_an_offer_re_sent_on_reconnect_counts_as_delivered_so_the_step_sends_no_second_copy(pushed):
+    (device,) = make_fleet(1, online=True)
+    campaign = make_campaign(make_artifact())
+    t0 = timezone.now()
+    orchestrator.tick(now=t0)
+    execution = Execution.objects.get(campaign=campaign)
+    assert offers_to(pushed, device.id) == [execution.id]
+    pushed.clear()
+    # Long after the first push the agent reconnects and is sent its offer again (fresh URL).
+    Execution.objects.filter(pk=execution.pk).update(
+        delivered_at=timezone.now() - dt.timedelta(seconds=orchestrator.REDELIVER_AFTER_S + 30))
+    assert [int(f["execution_id"]) for f in services.pending_offers(device_id=device.id)] == [execution.id]
+
+    orchestrator.tick(now=timezone.now() + dt.timedelta(seconds=1))
+
+    assert pushed == []  # the lost-push re-send counts from the reconnect's delivery: no second copy
