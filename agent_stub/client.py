@@ -38,7 +38,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from agent_stub import keys
 from agent_stub import protocol as P
-from agent_stub.inference import AnomalyModel, BatchScorer
+from agent_stub.inference import AnomalyModel, BatchScorer, ModelError
 from agent_stub.outbox import Outbox
 from agent_stub.sensors import METRICS, WINDOW, SensorStream, seed_for
 
@@ -106,14 +106,29 @@ class ManagedOta:
     async def _report(self, execution_id: Any, state: str, progress: int, error: dict[str, Any] | None) -> None:
         self.agent.emit(P.rollout_status(None, execution_id, state, progress, error))
 
-    def _install(self, slot: Path, manifest: dict[str, Any]) -> None:
+    def _install(self, slot: Path | None, manifest: dict[str, Any]) -> None:
         if manifest.get("kind") != "model":
+            return
+        if slot is None:  # rolled back from the first install: the shipped model again
+            self.agent.model = AnomalyModel()
             return
         models = sorted(slot.glob("*.onnx"))
         if models:
             self.agent.model = AnomalyModel(models[0])
             if self.agent.scorer is None:
                 log.info("%s: now running model %s", self.agent.device_uid, self.agent.model.version)
+
+    def load_active(self) -> None:
+        """At start-up: run the model the OTA slots say is installed (not the shipped one), so
+        what ``state`` reports and what scores telemetry is what is on disk."""
+        slot, record = self.manager.active("model")
+        if slot is None or not slot.is_dir():
+            return
+        try:
+            self._install(slot, {"kind": "model", **record})
+        except ModelError as exc:
+            log.error("%s: the installed model in %s does not load (%s); running the shipped one",
+                      self.agent.device_uid, slot, exc)
 
     def trust(self, keys: list[dict[str, Any]]) -> None:
         trusted = {}
@@ -452,6 +467,8 @@ class Agent:
                 return self.exit_code
         if isinstance(self.ota, ManagedOta):
             await self.ota.manager.resume()  # finish or roll back an install a crash interrupted
+            if self.scorer is None:
+                self.ota.load_active()
         producer = asyncio.create_task(self._produce(), name=f"produce-{self.device_uid}")
         attempt = 0
         try:

@@ -52,11 +52,33 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[Any, str, int, "dict[str, Any] | None"], Awaitable[None]]
 SelfTest = Callable[[Path, dict], bool]
-InstallHook = Callable[[Path, dict], None]
+# Called with the slot now active, or with None when a rollback leaves no installed version
+# (back to what the agent shipped with).
+InstallHook = Callable[["Path | None", dict], None]
 HealthCheck = Callable[[], bool]
 
 CHUNK = 1 << 16
 DONE_KEEP = 100
+
+# TEST HOOK, used only by tests/reliability/test_faults_agent.py: with AGENT_STUB_OTA_PAUSE_AT
+# set to one of the points below, the agent writes the file named by
+# AGENT_STUB_OTA_PAUSE_MARKER when an install reaches that point and then blocks there forever,
+# so the test can SIGKILL it at exactly that moment. Unset (always, in production) it costs an
+# environment lookup.
+#   downloaded  the artifact is on disk, not yet verified
+#   unpacking   the first file is written into the new slot, the others not yet
+#   switched    the new slot is active and hot-swapped, the health window not yet passed
+#   committed   the commit is journaled, not yet recorded as done nor reported
+PAUSE_AT_ENV = "AGENT_STUB_OTA_PAUSE_AT"
+PAUSE_MARKER_ENV = "AGENT_STUB_OTA_PAUSE_MARKER"
+
+
+def _test_pause(point: str) -> None:
+    if os.environ.get(PAUSE_AT_ENV) != point:
+        return
+    Path(os.environ[PAUSE_MARKER_ENV]).write_text(point)
+    while True:
+        time.sleep(3600)
 
 
 class OfferRejected(Exception):
@@ -280,6 +302,7 @@ class OtaManager:
             else:
                 await self._report(execution_id, "acked")
                 await self._download(execution_id, artifact["url"], part, manifest)
+                _test_pause("downloaded")
                 self._check_file(part, manifest)
                 self._set_journal({"execution_id": execution_id, "phase": "downloaded", "offer": offer})
                 await self._report(execution_id, "downloaded", 100)
@@ -367,7 +390,10 @@ class OtaManager:
                     resolved = (target / member).resolve()
                     if not resolved.is_relative_to(target.resolve()):
                         raise InstallFailed("bad_archive", f"archive member {member!r} escapes the slot")
-                archive.extractall(target)
+                for index, member in enumerate(archive.namelist()):
+                    archive.extract(member, target)
+                    if index == 0:
+                        _test_pause("unpacking")
         else:
             name = "model.onnx" if manifest.get("kind") == "model" else "artifact.bin"
             shutil.copyfile(part, target / name)
@@ -395,6 +421,7 @@ class OtaManager:
             try:
                 if self.install_hook is not None:
                     await asyncio.to_thread(self.install_hook, slots.path(new_slot), manifest)
+                _test_pause("switched")
                 ok, reason = await self._health_window()
             except Exception as exc:  # noqa: BLE001 -- any failure to switch means roll back
                 ok, reason = False, f"install hook failed: {exc}"
@@ -406,6 +433,7 @@ class OtaManager:
             await self._finish(execution_id, "rolled_back", error)
             return
         self._set_journal({**journal, "phase": "committed"})
+        _test_pause("committed")
         await self._finish(execution_id, "committed", None)
 
     def _safe_self_test(self, slot: Path, manifest: dict) -> bool:
@@ -439,3 +467,11 @@ class OtaManager:
         else:
             with contextlib.suppress(OSError):
                 (slots.base / "active.json").unlink()
+            # The candidate may already be running (hot-swapped before the health window):
+            # tell the hook there is no installed version any more, so it goes back to the
+            # one the agent shipped with instead of running what was just rolled back.
+            if self.install_hook is not None:
+                try:
+                    self.install_hook(None, {"kind": journal["kind"]})
+                except Exception:
+                    log.warning("going back to the built-in %s failed", journal["kind"], exc_info=True)

@@ -41,6 +41,26 @@ knows a previous incarnation of this device (state restored or lost): our frames
 all new to it, so they are kept and numbered from ``last_acked + 1`` — the counter
 moves forward, nothing is deleted.
 
+A full disk
+-----------
+In WAL mode every write, a delete included, first appends pages to the WAL, and a checkpoint
+copies them into the database file, growing it.  On a disk that is 100 % full neither can
+happen: the oldest telemetry could not even be deleted, and the newest frames would be lost
+instead.  Two measures prevent that:
+
+* Before each write the outbox sets SQLite's ``max_page_count`` to what the database file may
+  grow into while leaving ``min_free_bytes`` of the filesystem free.  When the outbox itself
+  fills the disk, SQLite says "full" while there is still room for the WAL, and the oldest
+  telemetry is dropped to make room (its pages are reused).
+* When something else fills the disk, the filesystem says ENOSPC.  The outbox then gives back
+  ``<db>.reserve`` (``reserve_bytes`` allocated at open, at least the WAL's size), checkpoints
+  the WAL into the database file (the WAL file keeps its size and is rewritten from its
+  start), and from then on drops the oldest telemetry to fit new frames into the pages it
+  already owns.  The reserve is taken again once the disk has room.
+
+Only when nothing at all can be written is the new frame refused; it is counted as dropped
+too.  No path leaves a half-written frame: SQLite rolls the transaction back.
+
 Durability settings: WAL with ``synchronous=NORMAL``.  WAL never corrupts the database
 on a crash or power cut; NORMAL skips the fsync on each commit, so a power cut may lose
 the last few hundred milliseconds of frames but never leaves a half-written one.  That
@@ -52,6 +72,7 @@ benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -68,6 +89,14 @@ T = TypeVar("T")
 
 DEFAULT_MAX_FRAMES = 100_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# Disk space the database may not grow into (see "A full disk" in the module doc).
+DEFAULT_MIN_FREE_BYTES = 1024 * 1024
+# Size of the reserve file given back to the filesystem when the disk is really full.
+DEFAULT_RESERVE_BYTES = 1024 * 1024
+# WAL pages before an automatic checkpoint (SQLite's default is 1000): the WAL must fit in the
+# reserve, so a checkpoint can always complete once the reserve is released.
+_WAL_AUTOCHECKPOINT_PAGES = 128
+_SQLITE_MAX_PAGES = 4_294_967_294
 # Attempts to free space when SQLite reports a full disk before giving up on one write.
 _FULL_RETRIES = 64
 
@@ -110,18 +139,26 @@ class Outbox:
     """
 
     def __init__(self, path: str | os.PathLike[str] = ":memory:", *, max_frames: int = DEFAULT_MAX_FRAMES,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+                 reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> None:
         self.path = str(path)
         self.max_frames = max_frames
         self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes  # 0: no free-space guard (the disk itself is the limit)
+        self.reserve_bytes = reserve_bytes  # 0: no reserve file
+        self._reserve_path = self.path + ".reserve"
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so every write is exactly
         # one transaction we can roll back on SQLITE_FULL.
         self._db = sqlite3.connect(self.path, isolation_level=None)
         if self.path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
         self._db.executescript(_SCHEMA)
+        self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        self._reserve_held = self._hold_reserve()
         self._online = False
+        self._full_logged = False
         self.acked_points_total = 0  # telemetry points acked since this object was opened
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM frames").fetchone()
         self._frames, self._bytes = int(row[0]), int(row[1])
@@ -137,7 +174,15 @@ class Outbox:
                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
     def _txn(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` in one IMMEDIATE transaction; on a full disk, free space and retry."""
+        """Run ``fn`` in one IMMEDIATE transaction; on a full disk, free space and retry.
+
+        Freeing space, in order: checkpoint the WAL into the database file (releasing the
+        reserve first if the filesystem is too full for that), retry; then drop the oldest
+        telemetry, one frame at a time, each drop followed by another checkpoint so the next
+        write reuses the WAL file from its start instead of growing it.
+        """
+        checkpointed = False
+        self._guard_free_space()
         for _ in range(_FULL_RETRIES):
             meta_before = dict(self._meta)
             counts_before = (self._frames, self._bytes, self._assigned)
@@ -145,6 +190,8 @@ class Outbox:
                 self._db.execute("BEGIN IMMEDIATE")
                 result = fn()
                 self._db.execute("COMMIT")
+                if not checkpointed:
+                    self._full_logged = False  # room again: the next full disk is worth a warning
                 return result
             except BaseException as exc:  # any failure: roll back, then decide
                 if self._db.in_transaction:
@@ -154,9 +201,21 @@ class Outbox:
                 self._frames, self._bytes, self._assigned = counts_before
                 if not (isinstance(exc, sqlite3.OperationalError) and _is_full(exc)):
                     raise
-                log.warning("outbox %s: disk full, dropping the oldest telemetry to make room", self.path)
+                if not checkpointed:
+                    # A checkpoint that fails means the filesystem itself is full: give the
+                    # reserve back so the WAL can be folded into the database file.
+                    checkpointed = True
+                    if not self._checkpoint() and self._release_reserve():
+                        self._checkpoint()
+                    self._guard_free_space()
+                    continue
+                # One warning per full-disk episode, not one per frame (the log may be on that disk too).
+                (log.debug if self._full_logged else log.warning)(
+                    "outbox %s: disk full, dropping the oldest telemetry to make room", self.path)
+                self._full_logged = True
                 if not self._drop_one(allow_any_kind=False):
                     raise
+                self._checkpoint()
         raise sqlite3.OperationalError("database or disk is full (outbox could not free space)")
 
     # --- public API --------------------------------------------------------------------
@@ -335,12 +394,70 @@ class Outbox:
             log.warning("outbox %s: checkpoint failed: %s", self.path, exc)
         self._db.close()
 
+    def _guard_free_space(self) -> None:
+        """Let the database file grow only into the filesystem's free space minus ``min_free_bytes``."""
+        if self.path == ":memory:" or self._db.in_transaction:
+            return
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if not self._reserve_held and self.reserve_bytes > 0 and free >= self.reserve_bytes + self.min_free_bytes:
+            self._reserve_held = self._hold_reserve()  # the disk has room again
+            free -= self.reserve_bytes if self._reserve_held else 0
+        if self.min_free_bytes <= 0:
+            return
+        spare = free - self.min_free_bytes
+        pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+        limit = min(_SQLITE_MAX_PAGES, pages + max(0, spare) // self._page_size)
+        self._db.execute(f"PRAGMA max_page_count = {int(limit)}")
+
+    def _hold_reserve(self) -> bool:
+        """Allocate ``<db>.reserve`` (really allocated, not sparse); False if there is no room."""
+        if self.path == ":memory:" or self.reserve_bytes <= 0:
+            return False
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(self._reserve_path)
+            return False
+        return True
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve's space back to the filesystem; False if there was none."""
+        self._reserve_held = False
+        try:
+            os.unlink(self._reserve_path)
+        except OSError:
+            return False
+        log.warning("outbox %s: disk full, released the %d-byte reserve", self.path, self.reserve_bytes)
+        return True
+
+    def _checkpoint(self) -> bool:
+        """Copy the WAL into the database file so the next write starts the WAL file from its
+        beginning (reusing its space); False if that did not complete (e.g. the database file
+        could not grow on a full disk). Never raises."""
+        if self.path == ":memory:" or self._db.in_transaction:
+            return False
+        try:
+            row = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error:
+            return False
+        return row is not None and row[0] == 0
+
     # --- the cap -----------------------------------------------------------------------
     def _bump(self, key: str, by: int) -> None:
         self._meta[key] = self._get(key) + by
         self._set(key, self._meta[key])
 
     def _count_drop_outside_txn(self, points: int) -> None:
+        meta_before = dict(self._meta)
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._bump("dropped_frames", 1)
@@ -351,6 +468,7 @@ class Outbox:
             # metric still reports it while this process lives.
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
+            self._meta = meta_before  # _bump already counted it once
             self._meta["dropped_frames"] = self._get("dropped_frames") + 1
             self._meta["dropped_points"] = self._get("dropped_points") + points
 
@@ -387,9 +505,15 @@ class Outbox:
             self._meta = meta_before
             if not _is_full(exc):
                 raise
-            # Not even the counter row fits: delete alone (deleting needs no new pages)
-            # and keep the count in memory for as long as this process lives.
-            self._db.execute("DELETE FROM frames WHERE id = ?", (row_id,))
+            # Not even the counter row fits: delete alone and keep the count in memory for
+            # as long as this process lives. In WAL mode a delete needs WAL space too; if
+            # even that fails nothing was dropped (and nothing is counted).
+            try:
+                self._db.execute("DELETE FROM frames WHERE id = ?", (row_id,))
+            except sqlite3.OperationalError as again:
+                if not _is_full(again):
+                    raise
+                return False
             self._meta["dropped_frames"] = self._get("dropped_frames") + 1
             self._meta["dropped_points"] = self._get("dropped_points") + points
         self._frames -= 1

@@ -159,11 +159,12 @@ def test_a_frame_the_server_refused_is_removed_and_the_rest_renumbered_after_the
 
 def test_a_full_disk_drops_oldest_telemetry_and_never_corrupts_the_outbox(tmp_path: Path) -> None:
     path = tmp_path / "o.sqlite"
-    box = Outbox(path)
+    box = Outbox(path, min_free_bytes=0)  # no free-space guard: it would reset the limit set below
     box.append(P.state(None, {"agent": "1"}, {}))
     box.append(P.command_result(None, "keep-me", True, "x" * 100))
     pages = box._db.execute("PRAGMA page_count").fetchone()[0]
     # A tiny database limit behaves like a full disk: SQLITE_FULL on the next big write.
+    # (tests/reliability/test_faults_agent.py fills a real filesystem instead.)
     box._db.execute(f"PRAGMA max_page_count = {pages + 12}")
     stored = []
     for n in range(60):
@@ -181,6 +182,29 @@ def test_a_full_disk_drops_oldest_telemetry_and_never_corrupts_the_outbox(tmp_pa
     assert kinds[2:] == sorted(kinds[2:]) and kinds[-1] == 59  # newest kept, oldest dropped
     assert box.dropped_frames + len(kinds) - 2 == 60
     assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+
+
+def test_the_outbox_leaves_min_free_bytes_of_the_disk_free_by_dropping_its_oldest_telemetry(tmp_path: Path) -> None:
+    # Ask for more free space than this disk has: the database may not grow at all, so
+    # SQLite says "full" (before the filesystem would) and the oldest telemetry makes room.
+    import os
+
+    st = os.statvfs(tmp_path)
+    box = Outbox(tmp_path / "o.sqlite", min_free_bytes=st.f_bavail * st.f_frsize + 2**30)
+    box.append(P.command_result(None, "keep-me", True, "ok"))
+    pages = box._db.execute("PRAGMA page_count").fetchone()[0]
+    refused = [n for n in range(200) if box.append(tel(n, points=50)) is None]
+    assert refused == [] and box.dropped_frames > 0
+    assert box._db.execute("PRAGMA page_count").fetchone()[0] == pages  # not one page more
+    kinds = ids(box.take(1000))
+    assert kinds[0] == "command.result" and kinds[1:] == list(range(box.dropped_frames, 200))
+
+
+def test_a_reserve_file_is_held_next_to_the_database_and_not_for_memory_outboxes(tmp_path: Path) -> None:
+    Outbox(tmp_path / "o.sqlite", reserve_bytes=256 * 1024).close()
+    assert (tmp_path / "o.sqlite.reserve").stat().st_blocks * 512 >= 256 * 1024  # allocated, not sparse
+    Outbox(":memory:").close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.sqlite", "o.sqlite.reserve"]
 
 
 def test_in_memory_outbox_for_benchmarks() -> None:
