@@ -65,6 +65,18 @@ def provision(n: int) -> None:
 # --- client process ---------------------------------------------------------------------------
 
 
+async def authenticate(ws, i: int, timeout: float = 30) -> dict:
+    """The agent handshake of device `i` on an open WebSocket: `hello` → `auth` signed over the
+    nonce → the server's answer (`welcome`, or an `error` frame), returned as a dict."""
+    from agent_stub import protocol as p
+
+    hello = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    nonce = p.b64d(hello["nonce"])
+    sig = p.b64e(device_key(i).sign(p.auth_message(nonce, uid(i))))
+    await ws.send(json.dumps({"type": "auth", "device_uid": uid(i), "sig": sig, "agent_version": "bench"}))
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
 async def client_main(url: str, first: int, count: int, heartbeat_s: float, ramp_s: float) -> None:
     """Open `count` authenticated connections, heartbeat until SIGTERM; report on stdout as JSON lines."""
     import websockets
@@ -86,11 +98,7 @@ async def client_main(url: str, first: int, count: int, heartbeat_s: float, ramp
             stats["errors"].append(repr(exc)[:200])
             return
         try:
-            hello = json.loads(await asyncio.wait_for(ws.recv(), 30))
-            nonce = p.b64d(hello["nonce"])
-            sig = p.b64e(device_key(i).sign(p.auth_message(nonce, uid(i))))
-            await ws.send(json.dumps({"type": "auth", "device_uid": uid(i), "sig": sig, "agent_version": "bench"}))
-            welcome = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            welcome = await authenticate(ws, i)
             if welcome.get("type") != "welcome":
                 stats["failed"] += 1
                 stats["errors"].append(str(welcome)[:200])
