@@ -11,7 +11,7 @@ What is real and what is simulated (honestly):
   the WebSocket consumer), the audit log, the offer frames with signed download URLs.
 - Simulated: devices are --workers threads calling `rollouts.services.execution_report` directly
   (acked → downloading → downloaded → installing → verifying → committed, six transactions per
-  device); no WebSocket, no download, no channel-layer doorbell (`fleet.push.send_to_device`
+  device); no WebSocket, no download, no channel-layer doorbell (`fleet.push.send_many`
   is replaced by an in-process queue), no Celery broker.
 
 Scenario 1: waves 1% → 10% → 50% → 100% with success-ratio and failure gates, soak 0; prints
@@ -50,6 +50,12 @@ class Sim:
         self.stop = False
         self.threads = [threading.Thread(target=self.worker, daemon=True) for _ in range(workers)]
         self.reports = 0
+
+    def push_many(self, messages) -> int:
+        messages = list(messages)
+        for device_id, message in messages:
+            self.push(device_id, message)
+        return len(messages)
 
     def push(self, device_id: int, message: dict) -> None:
         frame = message.get("frame", {})
@@ -176,7 +182,7 @@ def run(*, devices: int = 10_000, rate: int = 12_000, concurrency: int = 5_000, 
 
         # --- scenario 1 ---------------------------------------------------------------
         sim = Sim(args.workers, fail_pct=0.0)
-        fleet.push.send_to_device = sim.push
+        fleet.push.send_many = sim.push_many
         orchestrator.kick = sim.kick
         for thread in sim.threads:
             thread.start()

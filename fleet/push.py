@@ -9,6 +9,7 @@ which is re-sent when the device reconnects. A failed push is logged, never rais
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -21,13 +22,35 @@ def device_group(device_id: int) -> str:
 
 
 def send_to_device(device_id: int, message: dict) -> None:
+    send_many([(device_id, message)])
+
+
+def send_many(messages: Iterable[tuple[int, dict]]) -> int:
+    """Push many (device id, message) pairs in one event loop and one set of Redis connections.
+
+    From synchronous code each `async_to_sync` call starts a fresh loop, and the Redis layer
+    opens connections per loop: one call per message cost ~7 ms of CPU, which capped rollout
+    offers at a few dozen per second. Returns how many pushes the layer accepted."""
+    batch = list(messages)
     layer = get_channel_layer()
-    if layer is None:
-        return
+    if layer is None or not batch:
+        return 0
+
+    async def send_all() -> int:
+        sent = 0
+        for device_id, message in batch:
+            try:
+                await layer.group_send(device_group(device_id), message)
+                sent += 1
+            except Exception:
+                log.warning("push to device %s failed; it will catch up on reconnect", device_id, exc_info=True)
+        return sent
+
     try:
-        async_to_sync(layer.group_send)(device_group(device_id), message)
+        return async_to_sync(send_all)()
     except Exception:
-        log.warning("push to device %s failed; it will catch up on reconnect", device_id, exc_info=True)
+        log.warning("push of %d messages failed; devices catch up on reconnect", len(batch), exc_info=True)
+        return 0
 
 
 def status_changed(device_id: int, status: str) -> None:

@@ -641,8 +641,8 @@ def _abort(campaign: Campaign, *, actor: Any, reason: str, revert: bool) -> Camp
 
 
 def _push_cancels(pairs: list[tuple[int, int]]) -> None:
-    for execution_id, device_id in pairs:
-        push.send_to_device(device_id, {"type": "device.frame", "frame": p.rollout_cancel(execution_id)})
+    push.send_many((device_id, {"type": "device.frame", "frame": p.rollout_cancel(execution_id)})
+                   for execution_id, device_id in pairs)
 
 
 _REVERT_SQL = """
@@ -750,8 +750,8 @@ def offer_frame(execution: Execution, campaign: Campaign, now: dt.datetime,
 
 
 def push_offers(frames: list[tuple[int, dict]]) -> None:
-    for device_id, frame in frames:
-        push.send_to_device(device_id, {"type": "device.frame", "frame": frame})
+    """All of a step's offers in one batch (one event loop, one set of Redis connections)."""
+    push.send_many((device_id, {"type": "device.frame", "frame": frame}) for device_id, frame in frames)
 
 
 @transaction.atomic

@@ -25,9 +25,10 @@ def pushed(monkeypatch):
     """Frames sent to devices through fleet.push, as (device_id, frame)."""
     sent: list[tuple[int, dict]] = []
 
-    def capture(device_id, message):
-        if message.get("type") == "device.frame":
-            sent.append((device_id, message["frame"]))
+    def capture(messages):
+        messages = list(messages)
+        sent.extend((device_id, m["frame"]) for device_id, m in messages if m.get("type") == "device.frame")
+        return len(messages)
 
-    monkeypatch.setattr("fleet.push.send_to_device", capture)
+    monkeypatch.setattr("fleet.push.send_many", capture)
     return sent
