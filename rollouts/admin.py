@@ -60,6 +60,13 @@ class SigningKeyAdmin(ReadOnlyAdmin):
         # Used by the actions' `permissions=["add"]`; keys are still created only through the action.
         return request.user.has_perm("rollouts.add_signingkey")
 
+    def add_view(self, request: HttpRequest, form_url: str = "", extra_context: dict | None = None):
+        # has_add_permission is true for admins (the actions need it), which would also open the
+        # plain add form: it saves a key row with no key pair and no audit entry, bypassing the service.
+        from django.core.exceptions import PermissionDenied
+
+        raise PermissionDenied("signing keys are created with the “Create a new active key” action")
+
 
 class VariantInline(admin.TabularInline):
     model = ArtifactVariant
