@@ -1,8 +1,19 @@
-"""The audit log: append-only entries chained by SHA-256.
+"""The audit log: append-only entries chained by SHA-256, in commit order.
 
-Writers serialise on a transaction-scoped advisory lock so each entry sees the hash of
-the one before it; the lock is held only until the surrounding transaction commits.
-`verify_chain` recomputes every hash and names the first entry that does not match.
+Writing an entry takes no lock: `record_entry` stores the entry with its `content_hash` (SHA-256
+over the canonical JSON of its content) and leaves `chain_seq`/`prev_hash`/`hash` NULL. A deferred
+constraint trigger (`security_audit_seal`, migration 0004) seals it when the surrounding transaction
+COMMITs: it takes a transaction-scoped advisory lock, reads the last sealed entry and sets
+`chain_seq` = last + 1, `prev_hash` = last.hash (GENESIS for the first) and
+`hash` = SHA-256(prev_hash + content_hash). Deferred triggers run after every statement of the
+transaction, so the audit lock is always the LAST lock a transaction takes: a service may lock rows
+and audit in any order without a lock-order cycle against another audited transaction.
+
+`verify_chain` walks the entries by `chain_seq`, recomputes both hashes and names the first entry
+that was edited, removed or reordered.
+
+Chain format changed in migration 0004 (it was SHA-256(prev_hash + canonical JSON), in id order,
+written under the lock); that migration re-chains existing entries in id order.
 """
 
 from __future__ import annotations
@@ -15,19 +26,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import connection, models, transaction
+from django.db import connection, models
 from django.utils import timezone
 
 from security.models import AuditEntry
 
 GENESIS = "0" * 64
-_LOCK_KEY = 0x61756469  # "audi": one advisory-lock key for the whole log
+LOCK_KEY = 0x61756469  # "audi": one advisory-lock key for the whole log, taken by the seal trigger
+SEAL_TRIGGER = "security_audit_seal"
 
 # Set per request by security.middleware so services need not pass the client's address.
 current_source_ip: contextvars.ContextVar[str | None] = contextvars.ContextVar("audit_source_ip", default=None)
 
 
-def entry_digest(prev_hash: str, entry: AuditEntry) -> str:
+def canonical_content(entry: Any) -> str:
+    """The canonical JSON of an entry's content (works on historical models in migrations too)."""
     body = {
         "at": entry.at.isoformat(),
         "actor_type": entry.actor_type,
@@ -39,8 +52,16 @@ def entry_digest(prev_hash: str, entry: AuditEntry) -> str:
         "data": entry.data,
         "source_ip": entry.source_ip,
     }
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def content_digest(entry: Any) -> str:
+    return hashlib.sha256(canonical_content(entry).encode()).hexdigest()
+
+
+def link_digest(prev_hash: str, content_hash: str) -> str:
+    """What the seal trigger computes: encode(sha256(convert_to(prev_hash || content_hash, 'UTF8')), 'hex')."""
+    return hashlib.sha256((prev_hash + content_hash).encode()).hexdigest()
 
 
 def _describe_actor(actor: Any) -> tuple[str, Any, str]:
@@ -54,27 +75,35 @@ def _describe_actor(actor: Any) -> tuple[str, Any, str]:
 
 def record_entry(*, actor: Any, action: str, target: models.Model | None, data: dict,
                  source_ip: str | None = None) -> AuditEntry:
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
-        last = AuditEntry.objects.order_by("-id").values_list("hash", flat=True).first()
-        actor_type, actor_user, actor_label = _describe_actor(actor)
-        entry = AuditEntry(
-            at=timezone.now(),
-            actor_type=actor_type,
-            actor_user=actor_user,
-            actor=actor_label[:200],
-            action=action,
-            target_type=target._meta.label_lower if target is not None else "",
-            target_id=str(target.pk) if target is not None else "",
-            target_repr=str(target)[:200] if target is not None else "",
-            data=json.loads(json.dumps(data, default=str)),
-            source_ip=source_ip or current_source_ip.get(),
-            prev_hash=last or GENESIS,
-        )
-        entry.hash = entry_digest(entry.prev_hash, entry)
-        entry.save()
+    """Store one entry in the caller's transaction, unsealed; it joins the chain when that commits."""
+    actor_type, actor_user, actor_label = _describe_actor(actor)
+    entry = AuditEntry(
+        at=timezone.now(),
+        actor_type=actor_type,
+        actor_user=actor_user,
+        actor=actor_label[:200],
+        action=action,
+        target_type=target._meta.label_lower if target is not None else "",
+        target_id=str(target.pk) if target is not None else "",
+        target_repr=str(target)[:200] if target is not None else "",
+        data=json.loads(json.dumps(data, default=str)),
+        source_ip=source_ip or current_source_ip.get(),
+    )
+    entry.content_hash = content_digest(entry)
+    entry.save()
     return entry
+
+
+def seal_pending() -> None:
+    """Seal the current transaction's entries now instead of at commit (SET CONSTRAINTS ... IMMEDIATE).
+
+    This takes the audit lock and holds it until the transaction ends, so a service must never call
+    it: it is for tests and tools that need to see the chain inside a transaction they have open."""
+    if not connection.in_atomic_block:
+        return  # autocommit: every statement has committed, so nothing is pending
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET CONSTRAINTS {SEAL_TRIGGER} IMMEDIATE")
+        cursor.execute(f"SET CONSTRAINTS {SEAL_TRIGGER} DEFERRED")
 
 
 @dataclass
@@ -84,24 +113,30 @@ class ChainBreak:
 
 
 def _iter_entries(batch: int = 5000) -> Iterator[AuditEntry]:
-    last_id = 0
+    last_seq = 0
     while True:
-        chunk = list(AuditEntry.objects.filter(id__gt=last_id).order_by("id")[:batch])
+        chunk = list(AuditEntry.objects.filter(chain_seq__gt=last_seq).order_by("chain_seq")[:batch])
         if not chunk:
             return
         yield from chunk
-        last_id = chunk[-1].id
+        last_seq = chunk[-1].chain_seq
 
 
 def verify_chain() -> tuple[int, ChainBreak | None]:
-    """Return (entries checked, first break or None)."""
+    """Return (entries checked, first break or None), walking the chain in `chain_seq` (commit) order.
+
+    Inside an open transaction, that transaction's own entries are sealed first (see seal_pending)."""
+    seal_pending()
     prev = GENESIS
     checked = 0
     for entry in _iter_entries():
         checked += 1
-        if entry.prev_hash != prev:
+        if entry.chain_seq != checked or entry.prev_hash != prev:
             return checked, ChainBreak(entry.id, "prev_hash does not match the previous entry (entry removed or reordered)")
-        if entry_digest(prev, entry) != entry.hash:
+        if content_digest(entry) != entry.content_hash or link_digest(prev, entry.content_hash) != entry.hash:
             return checked, ChainBreak(entry.id, "content does not match its hash (entry edited)")
         prev = entry.hash
+    unsealed = AuditEntry.objects.filter(chain_seq__isnull=True).order_by("id").values_list("id", flat=True).first()
+    if unsealed is not None:
+        return checked + 1, ChainBreak(unsealed, "entry is not in the chain (its chain position was removed)")
     return checked, None

@@ -19,8 +19,12 @@ class AuditQuerySet(models.QuerySet):
 
 
 class AuditEntry(models.Model):
-    """One action. `hash` = SHA-256 over the previous entry's hash and this entry's content
-    (security.audit.entry_digest), so an edit anywhere breaks the chain from there on."""
+    """One action. `content_hash` = SHA-256 over this entry's content (security.audit.content_digest),
+    computed when it is written. At COMMIT a deferred trigger seals it into the chain: `chain_seq` =
+    the last sealed entry's + 1, `prev_hash` = that entry's `hash`, `hash` = SHA-256(prev_hash +
+    content_hash) (security.audit.link_digest). So the chain is in commit order, and an edit, removal
+    or reordering anywhere breaks it from there on. Until its transaction commits an entry is unsealed
+    (chain_seq, prev_hash and hash are NULL), and nobody else can see it."""
 
     at = models.DateTimeField(db_index=True)
     actor_type = models.CharField(max_length=16)  # user | device | system
@@ -34,8 +38,10 @@ class AuditEntry(models.Model):
     target_repr = models.CharField(max_length=200, blank=True)
     data = models.JSONField(default=dict, blank=True)
     source_ip = models.GenericIPAddressField(null=True, blank=True)
-    prev_hash = models.CharField(max_length=64)
-    hash = models.CharField(max_length=64, unique=True)
+    content_hash = models.CharField(max_length=64, editable=False)
+    chain_seq = models.PositiveBigIntegerField(null=True, blank=True, unique=True, editable=False)
+    prev_hash = models.CharField(max_length=64, null=True, blank=True, editable=False)
+    hash = models.CharField(max_length=64, null=True, blank=True, unique=True, editable=False)
 
     objects = AuditQuerySet.as_manager()
 

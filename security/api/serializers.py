@@ -128,6 +128,8 @@ class AuditEntrySerializer(serializers.ModelSerializer):
             "target_repr",
             "data",
             "source_ip",
+            "chain_seq",
+            "content_hash",
             "prev_hash",
             "hash",
         ]

@@ -139,13 +139,13 @@ class AuditEntryViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
     serializer_class = s.AuditEntrySerializer
     filterset_class = AuditFilter
     search_fields = ["actor", "action", "target_repr"]
-    ordering_fields = ["id", "at"]
+    ordering_fields = ["id", "at", "chain_seq"]
 
     @extend_schema(responses={(200, "text/csv"): str})
     @action(detail=False, methods=["get"], url_path="export")
     def export_csv(self, request: Request) -> StreamingHttpResponse:
-        """The filtered log as CSV, streamed."""
-        entries = self.filter_queryset(self.get_queryset()).order_by("id")
+        """The filtered log as CSV, streamed, in chain (commit) order."""
+        entries = self.filter_queryset(self.get_queryset()).order_by("chain_seq", "id")
         columns = [
             "id",
             "at",
@@ -157,6 +157,9 @@ class AuditEntryViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
             "target_repr",
             "source_ip",
             "data",
+            "chain_seq",
+            "content_hash",
+            "prev_hash",
             "hash",
         ]
         writer = csv.writer(_Echo())
