@@ -70,6 +70,8 @@ DEVICE_UID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 DEVICE_UID_MAX = 128
 # Postgres bigint: seq and ids end up there.
 SEQ_MAX = 2**63 - 1
+# The last millisecond of year 9999: a stored time (event `t`) cannot be later.
+MAX_TIME_MS = 253_402_300_799_999
 MAX_EVENTS = 100
 MAX_MESSAGE_CHARS = 4096
 MAX_OUTPUT_CHARS = 64 * 1024
@@ -574,6 +576,29 @@ def _tpm_info(value: Any) -> TpmInfo | None:
     )
 
 
+_HARDWARE_INTS = {"cpu_cores": (1, 1 << 20), "ram_mb": (0, SEQ_MAX), "storage_mb": (0, SEQ_MAX)}
+_HARDWARE_STRS = {"model": MAX_SHORT_CHARS, "serial": MAX_SHORT_CHARS, "arch": 64, "os": MAX_SHORT_CHARS}
+
+
+def _hardware(value: Any) -> dict[str, Any]:
+    """``enroll.hardware``: the known keys checked like ``state.capabilities`` (null means
+    absent and is dropped); unknown keys are kept as sent and ignored by the server."""
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise _bad("field 'hardware' must be an object")
+    out = {k: v for k, v in value.items() if v is not None}
+    for key, (lo, hi) in _HARDWARE_INTS.items():
+        if key in out:
+            _int(out, key, lo=lo, hi=hi, where="hardware.")
+    for key, max_len in _HARDWARE_STRS.items():
+        if key in out:
+            _str(out, key, max_len=max_len, min_len=0, where="hardware.")
+    if "accelerator" in out and (type(out["accelerator"]) is not str or out["accelerator"] not in ACCELERATORS):
+        raise _bad(f"field 'hardware.accelerator' must be one of {sorted(ACCELERATORS)}")
+    return out
+
+
 def validate_enroll(frame: Any) -> Enroll:
     """Check an ``enroll`` frame. ``hardware`` defaults to ``{}``, ``tpm`` to ``None``."""
     frame = _expect_type(frame, "enroll")
@@ -582,7 +607,7 @@ def validate_enroll(frame: Any) -> Enroll:
         device_uid=_uid(frame),
         public_key=_b64(frame, "public_key", size=ED25519_PUBLIC_BYTES),
         sig=_b64(frame, "sig", size=ED25519_SIG_BYTES),
-        hardware=_dict(frame, "hardware", required=False),
+        hardware=_hardware(frame.get("hardware")),
         tpm=_tpm_info(frame.get("tpm")),
         agent_version=_opt_str(frame, "agent_version", max_len=64),
     )
@@ -696,7 +721,7 @@ def _event_item(value: Any, i: int) -> EventItem:
     if type(severity) is not str or severity not in SEVERITIES:
         raise _bad(f"field '{where}severity' must be one of {sorted(SEVERITIES)}")
     return EventItem(
-        t=_int(value, "t", where=where),
+        t=_int(value, "t", hi=MAX_TIME_MS, where=where),
         kind=kind,
         severity=severity,
         message=_str(value, "message", max_len=MAX_MESSAGE_CHARS, min_len=0, where=where),

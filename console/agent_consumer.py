@@ -32,7 +32,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import DataError, transaction
+from django.db import DatabaseError, DataError, transaction
 
 from agent_stub import protocol as p
 from console.presence import presence
@@ -119,13 +119,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 await asyncio.shield(self.disconnect(1006))
 
     async def _layer_receive(self) -> dict:
+        missed = False
         while True:
             try:
+                if missed and getattr(self, "session", None) is not None and not self.closed:
+                    # Redis is back, perhaps empty (restarted, failed over): join the device's
+                    # group again, then catch up on the doorbells rung while it was away.
+                    await self.channel_layer.group_add(push.device_group(self.session.device_id), self.channel_name)
+                    missed = False
+                    return {"type": "device.commands"}
                 return await self.channel_layer.receive(self.channel_name)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("channel layer receive failed; retrying in 2 s", exc_info=log.isEnabledFor(logging.DEBUG))
+                missed = True
                 await asyncio.sleep(2)
 
     async def dispatch(self, message: dict) -> None:
@@ -138,6 +146,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await handler(message)
 
     async def send_frame(self, frame: dict) -> None:
+        # A frame handler can still be awaiting the database when another task (the acker,
+        # a doorbell) closes the connection; after the close there is nothing to send to.
+        if self.closed:
+            return
         await self.send(text_data=p.dumps(frame))
 
     async def close_with(self, code: int, frame: dict | None = None) -> None:
@@ -146,7 +158,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.closed = True
         if frame is not None:
             with contextlib.suppress(Exception):  # the socket may already be gone
-                await self.send_frame(frame)
+                await self.send(text_data=p.dumps(frame))
         await self.close(code)
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -234,6 +246,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 await self._route(frame)
         except Closing as exc:
             await self.close_with(exc.code, exc.frame)
+        except DatabaseError as exc:
+            # PostgreSQL unreachable (handshake, a durable frame, attestation): shed the
+            # connection with the contract's code instead of dropping it with no close frame.
+            log.warning("database unavailable, shedding the connection: %s", exc)
+            await self.close_with(p.Close.OVERLOADED, p.error(code="unavailable", message="storage unavailable; "
+                                                              "retry later", retry_after_ms=5000))
 
     def _take_token(self) -> bool:
         now = time.monotonic()
@@ -267,7 +285,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 session = await self._enroll(enroll, tpm=tpm)
             else:
                 raise Closing(p.Close.PROTOCOL_ERROR, p.error(code="bad_frame",
-                                                               message=f"unexpected {kind!r} during the handshake"))
+                                                               message=f"unexpected {kind[:64]!r} during the handshake"))
         except p.ProtocolError as exc:
             raise Closing(p.Close.PROTOCOL_ERROR, p.error(code=exc.code, message=exc.message)) from None
         except security_services.AuthFailed as exc:
@@ -276,6 +294,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # Single use: a second handshake on this connection cannot reuse the nonce.
         self.nonce = b""
         self.handshake_timer.cancel()
+        if self.closed:
+            # The handshake deadline closed the socket while the database was verifying the
+            # device: the agent has given up on this connection, so it must not come online.
+            return
         self.session = session
         self.status = session.status
         self.committed = self.submitted = session.last_acked_seq
@@ -367,7 +389,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         elif kind == "tpm.activate":
             await self.send_frame(p.error(code="bad_frame", message="no TPM enrollment is in progress"))
         else:
-            await self.send_frame(p.error(code="unknown_type", message=f"unknown frame type {kind!r}"))
+            # At most 64 characters of the device's text are echoed (a 256 KiB type is not).
+            await self.send_frame(p.error(code="unknown_type", message=f"unknown frame type {kind[:64]!r}"))
 
     # --- durable uplink -----------------------------------------------------------------
 

@@ -28,6 +28,10 @@ MIN_INTERVAL_S = 1.0
 
 
 class UiConsumer(AsyncJsonWebsocketConsumer):
+    # Nothing is sent to a dashboard through the channel layer (it polls PostgreSQL):
+    # not listening on it keeps open pages live while Redis is down (alias None = no layer).
+    channel_layer_alias = None
+
     async def connect(self) -> None:
         user = self.scope.get("user")
         await self.accept()

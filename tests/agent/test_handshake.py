@@ -226,6 +226,41 @@ def test_a_silent_client_is_cut_off_with_4408(transactional_db):
         server.stop()
 
 
+def test_a_device_whose_auth_outlasts_the_handshake_deadline_does_not_come_online(transactional_db, enrollment_token):
+    import psycopg
+    from django.db import connection
+
+    from fleet.models import PresenceEvent
+    from tests.harness import ConsoleServer, database_url_for
+
+    server = ConsoleServer(connection.settings_dict, extra_env={"AGENT_HANDSHAKE_TIMEOUT_S": "1"}).start()
+    token = enrollment_token(auto_approve=True)
+    try:
+        async def scenario():
+            agent = RawAgent(server.ws_url, "slow-auth")
+            assert (await agent.enroll(token))["status"] == "active"
+            await agent.close()
+            await asyncio.sleep(1)  # the enrollment session is over
+            # The database is slow to answer: the auth check waits on a table lock past the deadline.
+            with psycopg.connect(database_url_for(connection.settings_dict)) as blocker:
+                blocker.execute("LOCK TABLE fleet_device IN ACCESS EXCLUSIVE MODE")
+                again = RawAgent(server.ws_url, "slow-auth", key=agent.key)
+                await again.open()
+                await again.send({"type": "auth", "device_uid": "slow-auth", "sig": again.sign(),
+                                  "agent_version": "test"})
+                code = await again.closed_code(timeout=5)
+            await asyncio.sleep(2)  # lock released: the verification finishes after the close
+            return code
+
+        assert run(scenario()) == 4408
+        device = Device.objects.get(uid="slow-auth")
+        assert not device.online
+        assert list(PresenceEvent.objects.filter(device=device).order_by("id").values_list("kind", flat=True)) == [
+            "connected", "disconnected"]  # the enrollment session only
+    finally:
+        server.stop()
+
+
 def test_a_device_flooding_messages_is_rate_limited_with_4429(transactional_db, enrollment_token):
     from django.db import connection
 
