@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME.PARAM=VALUE",
+                        help="override one parameter of one benchmark, e.g. queries.rows=5000000 (repeatable; "
+                             "the command line, with overrides, is recorded in the generated section)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -295,9 +298,21 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts()
     print("machine: " + "; ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
     results = []
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        bench, dot, param = key.partition(".")
+        if not sep or not dot or bench not in BENCHMARKS:
+            parser.error(f"--set {item!r}: expected NAME.PARAM=VALUE with NAME one of {', '.join(BENCHMARKS)}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        overrides.setdefault(bench, {})[param] = value
     for name in names:
         _, full, quick, limits = BENCHMARKS[name]
-        results.append(run_one(name, quick if args.quick else full, limits[1] if args.quick else limits[0]))
+        params = {**(quick if args.quick else full), **overrides.get(name, {})}
+        results.append(run_one(name, params, limits[1] if args.quick else limits[0]))
     wall = time.monotonic() - t0
     print(f"\n{'QUICK RUN (code-path check, not the targets) — ' if args.quick else ''}results:\n")
     print_results(results)
