@@ -178,6 +178,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.tokens = float(settings.AGENT_RATE_BURST)
         self.tokens_at = time.monotonic()
         self.pending_enroll: tuple[p.Enroll, attestation.TpmEnrollment] | None = None
+        self.announced_keys: set[str] = set()  # artifact key ids sent in this connection's last welcome
         await self.accept()
         await self.send_frame(p.hello(nonce=self.nonce, server_time=now_ms()))
         self.handshake_timer = asyncio.get_running_loop().create_task(self._handshake_deadline())
@@ -361,6 +362,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def _send_welcome(self) -> None:
         keys = await db(rollouts_selectors.artifact_public_keys)()
+        self.announced_keys = {key_id for key_id, _ in keys}
         await self.send_frame(p.welcome(
             device_uid=self.session.uid, status=self.status, last_acked_seq=self.committed,
             heartbeat_s=settings.AGENT_HEARTBEAT_S, max_points=settings.AGENT_MAX_POINTS, artifact_keys=keys,
@@ -371,7 +373,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self.status != DeviceStatus.ACTIVE:
             return
         for offer in await db(rollouts_services.pending_offers)(device_id=self.session.device_id):
-            await self.send_frame(offer)
+            await self._send_offer(offer)
+
+    async def _send_offer(self, offer: dict) -> None:
+        """An offer signed with a key this connection's agent has not been told about (created or
+        rotated in since its welcome) is preceded by a fresh `welcome` carrying the keyring:
+        agents trust only keys announced in a welcome, and long-lived connections would
+        otherwise refuse every offer (`signature_invalid`) until they reconnect."""
+        key_id = (offer.get("artifact") or {}).get("key_id")
+        if key_id is not None and key_id not in self.announced_keys:
+            await self._send_welcome()
+        await self.send_frame(offer)
 
     async def _route(self, frame: dict) -> None:
         kind = frame["type"]
@@ -526,6 +538,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self.status == DeviceStatus.QUARANTINED and frame.get("type") not in QUARANTINE_ALLOWED:
             return
         if self.status == DeviceStatus.PENDING:
+            return
+        if frame.get("type") == "rollout.offer":
+            await self._send_offer(frame)
             return
         await self.send_frame(frame)
 

@@ -120,3 +120,27 @@ def test_a_broken_model_fails_its_self_test_and_is_rolled_back(ota_server, enrol
     execution = Execution.objects.get(campaign=campaign)
     assert execution.state == "rolled_back"
     assert execution.error["code"] == "self_test_failed"
+
+
+def test_an_agent_connected_before_the_first_signing_key_existed_is_told_the_key_and_installs(
+        ota_server, enrollment_token, tmp_path):
+    from fleet.models import Device
+    from rollouts.models import SigningKey
+
+    token = enrollment_token(auto_approve=True)
+    uids = ["keyless-1"]
+    enroll(ota_server, token, tmp_path, uids, "1.2.0")
+    assert not SigningKey.objects.exists()  # its welcome announced no artifact key
+    made: dict = {}
+
+    def until() -> bool:
+        if "campaign" not in made:
+            # The first upload creates the first signing key while the agent stays connected.
+            if Device.objects.filter(uid__in=uids, online=True).count() == len(uids):
+                made["campaign"] = roll_out(model_zip(tmp_path), "1.2.0", uids)
+            return False
+        return not Execution.objects.filter(campaign=made["campaign"]).exclude(state="committed").exists()
+
+    run_agents(ota_server, token, tmp_path, uids, until)
+    executions = list(Execution.objects.filter(campaign=made["campaign"]).values("state", "error", "attempt"))
+    assert executions == [{"state": "committed", "error": None, "attempt": 0}]
