@@ -17,4 +17,4 @@ say "Lint"
 .venv/bin/ruff check . || die "ruff found problems (see above)"
 .venv/bin/python manage.py collectstatic --noinput -v0
 say "Running the test suite"
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=25 "$@"

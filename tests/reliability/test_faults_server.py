@@ -498,6 +498,7 @@ def run_server_kill(server: ConsoleServer, token: str, tmp_path: Path, *, agents
           f"restart; {figures['generated']} points; test ran {time.monotonic() - started:.0f}s")
 
 
+@pytest.mark.slow  # `make test` keeps the 12-agent version (tests/agent/test_agent_e2e.py)
 def test_server_killed_under_fifty_streaming_agents_stores_every_point_exactly_once_after_restart(
     console_server, enrollment_token, tmp_path
 ):
