@@ -89,6 +89,14 @@ class Closing(Exception):
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
+    # Defaults for a connection whose device left before `connect` ran (its first message is
+    # then `websocket.disconnect`): cleanup must find nothing to do rather than fail.
+    handshake_timer: asyncio.Task | None = None
+    acker: asyncio.Task | None = None
+    session: security_services.DeviceSession | None = None
+    closed = False
+    cleaned_up = False
+
     # --- plumbing -----------------------------------------------------------------------
 
     async def __call__(self, scope, receive, send) -> None:
@@ -194,7 +202,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         self.cleaned_up = True
         self.closed = True
-        self.handshake_timer.cancel()
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
         if self.acker:
             self.acker.cancel()
         if self.session is not None:

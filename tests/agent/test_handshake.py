@@ -346,3 +346,18 @@ def test_a_command_lost_with_its_connection_is_sent_again_on_the_next_session(co
 
     issued, first, again = run(scenario())
     assert issued == first == again
+
+
+def test_a_device_that_leaves_before_its_connection_is_set_up_is_cleaned_up_without_an_error():
+    from asgiref.testing import ApplicationCommunicator
+
+    from console.agent_consumer import AgentConsumer
+
+    async def scenario():
+        app = ApplicationCommunicator(AgentConsumer.as_asgi(), {
+            "type": "websocket", "path": "/ws/agent/v1/", "headers": [], "subprotocols": [],
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)})
+        await app.send_input({"type": "websocket.disconnect", "code": 1006})  # gone before `connect` ran
+        await app.wait(timeout=5)  # raises what the application raised
+
+    run(scenario())
