@@ -162,6 +162,20 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def call_in_loop(loop: asyncio.AbstractEventLoop, fn, *, timeout: float) -> bool:
+    """Run `fn` on the event loop of another thread and wait (at most `timeout`) until it ran."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            fn()
+        finally:
+            done.set()
+
+    loop.call_soon_threadsafe(run)
+    return done.wait(timeout)
+
+
 class PartitionProxy:
     """A TCP proxy on loopback (its own event loop in a thread) that can cut the network.
 
@@ -199,16 +213,7 @@ class PartitionProxy:
         self._loop.run_forever()
 
     def _call(self, fn) -> None:
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                fn()
-            finally:
-                done.set()
-
-        self._loop.call_soon_threadsafe(run)
-        done.wait(10)
+        call_in_loop(self._loop, fn, timeout=10)
 
     def partition(self) -> None:
         def cut() -> None:

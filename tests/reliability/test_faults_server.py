@@ -24,7 +24,7 @@ from django.db import connection
 from agent_stub.client import Agent, Config, Stats
 from agent_stub.inference import AnomalyModel, BatchScorer
 from tests.harness import ConsoleServer
-from tests.reliability.faults import PartitionProxy, PgCluster, RedisServer
+from tests.reliability.faults import PartitionProxy, PgCluster, RedisServer, call_in_loop
 
 # Close codes of the contract an agent may see when the server sheds load or goes away.
 CONTRACT_SHED_CODES = {1000, 1001, 4429, 4503}
@@ -82,16 +82,7 @@ class Fleet:
         return self
 
     def call(self, fn) -> None:
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                fn()
-            finally:
-                done.set()
-
-        self.loop.call_soon_threadsafe(run)
-        assert done.wait(30)
+        assert call_in_loop(self.loop, fn, timeout=30)
 
     def select(self, uids: set[str] | None) -> list[CountingAgent]:
         return [a for a in self.agents if uids is None or a.device_uid in uids]
