@@ -69,12 +69,16 @@ class Fleet:
         self.loop.call_soon_threadsafe(fn)
 
     def quiet(self) -> None:
-        """Stop sampling (at most one more sample each) so the outboxes can drain."""
+        """Stop sampling and put every sampled point into the outbox, so the outboxes can drain
+        to empty and what was generated is final. (Without the flush, points sampled just before
+        could wait for the next sample, ~100 s away: the old "slow drain" flake.)"""
         def slow_down() -> None:
             for agent in self.agents:
                 agent.config.sample_hz = 0.01
                 agent.config.batch_s = 0.1
         self.call(slow_down)
+        time.sleep(1.0)  # the sample already scheduled at the old rate happens now
+        self.call(lambda: [agent._flush_points() for agent in self.agents])
 
     def wait_drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -110,8 +114,7 @@ def assert_stored_exactly_once(agents: list[CountingAgent]) -> int:
     return total
 
 
-# Known flaky under a loaded 2-core CI box (an agent occasionally drains slowly); one rerun,
-# and the first failure still shows in the log. To fix: find the slow drain (docs/reliability).
+# One rerun on a loaded 2-core CI box; the first failure still shows in the log.
 @pytest.mark.flaky(reruns=1, reruns_delay=2)
 def test_server_killed_mid_stream_then_restarted_stores_every_point_exactly_once(
     console_server, enrollment_token, tmp_path
