@@ -67,6 +67,7 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import ROOT, cpu_seconds, pct, result, row, scratch_database, tree_cpu_seconds
+from benchmarks.run import _stop_child
 
 QUICK = {"devices": 300, "clients": 2, "soak": 2, "timeout": 240, "gate_timeout": 90}
 V1, V2 = "1.1.0", "1.2.0"
@@ -304,18 +305,6 @@ def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                                 preexec_fn=_die_with_parent, start_new_session=True)
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
-
-
 def _wait_log(path: Path, needle: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -506,7 +495,7 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
                 _stop_clients(agents)
             for proc in (beat, worker):
                 if proc is not None:
-                    _stop_group(proc)
+                    _stop_child(proc, grace=15)
             if server is not None:
                 server.stop()
 

@@ -382,15 +382,25 @@ def command_complete(*, device_id: int, command_id: str, ok: bool, output: str) 
     ) == 1
 
 
+# The presence change and its history row in one statement: one round trip on the handshake path.
+_PRESENCE_SQL = (
+    "WITH changed AS (UPDATE fleet_device SET online = %(online)s, last_seen = %(at)s, session = %(new_session)s"
+    " WHERE id = %(device)s {only_session} RETURNING id)"
+    " INSERT INTO fleet_presenceevent (device_id, kind, at, session) SELECT id, %(kind)s, %(at)s, %(session)s"
+    " FROM changed"
+)
+
+
 def presence_connected(*, device_id: int, session: str) -> None:
-    now = timezone.now()
-    Device.objects.filter(pk=device_id).update(online=True, last_seen=now, session=session)
-    PresenceEvent.objects.create(device_id=device_id, kind=PresenceEvent.Kind.CONNECTED, at=now, session=session)
+    with connection.cursor() as cursor:
+        cursor.execute(_PRESENCE_SQL.format(only_session=""), {
+            "online": True, "at": timezone.now(), "new_session": session, "device": device_id,
+            "kind": PresenceEvent.Kind.CONNECTED, "session": session})
 
 
 def presence_disconnected(*, device_id: int, session: str) -> None:
     """Mark offline only if no newer connection of the device took over meanwhile."""
-    now = timezone.now()
-    if Device.objects.filter(pk=device_id, session=session).update(online=False, session="", last_seen=now):
-        PresenceEvent.objects.create(device_id=device_id, kind=PresenceEvent.Kind.DISCONNECTED, at=now,
-                                     session=session)
+    with connection.cursor() as cursor:
+        cursor.execute(_PRESENCE_SQL.format(only_session="AND session = %(session)s"), {
+            "online": False, "at": timezone.now(), "new_session": "", "device": device_id,
+            "kind": PresenceEvent.Kind.DISCONNECTED, "session": session})

@@ -13,6 +13,19 @@ def console_server(transactional_db):
 
 
 @pytest.fixture
+def ota_server(transactional_db, settings):
+    """The console with download URLs pointing at itself. Offers are built both in the server
+    (on connect) and in the test process when it plays Celery (orchestrator.tick): both must
+    carry the server's URL, not the default http://127.0.0.1:8000."""
+    server = ConsoleServer(connection.settings_dict)
+    server.env["ROLLOUTS_DOWNLOAD_BASE_URL"] = server.http_url
+    settings.ROLLOUTS_DOWNLOAD_BASE_URL = server.http_url
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def enrollment_token(transactional_db):
     from datetime import timedelta
 

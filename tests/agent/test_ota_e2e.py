@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import connection
 
 from agent_stub.client import Agent
 from rollouts import orchestrator, services
@@ -23,18 +22,6 @@ from tests.harness import ConsoleServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 MODEL_DIR = Path(__file__).resolve().parents[2] / "agent_stub" / "model"
-
-
-@pytest.fixture
-def ota_server(transactional_db, settings):
-    server = ConsoleServer(connection.settings_dict)
-    server.env["ROLLOUTS_DOWNLOAD_BASE_URL"] = server.http_url
-    # This process plays Celery (run_agents ticks): offers it pushes to online devices must carry
-    # the server's URL too, not the default http://127.0.0.1:8000 (the old 1-in-5 flake).
-    settings.ROLLOUTS_DOWNLOAD_BASE_URL = server.http_url
-    server.start()
-    yield server
-    server.stop()
 
 
 def model_zip(tmp_path: Path, *, broken: str | None = None) -> bytes:

@@ -18,7 +18,6 @@ import urllib.request
 import pytest
 from django.core import signing as dj_signing
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import connection
 
 from agent_stub import protocol as p
 from fleet import services as fleet_services
@@ -28,7 +27,6 @@ from rollouts import services as rollouts
 from rollouts.models import Campaign, Execution
 from security.models import AttestationChallenge, AttestationResult
 from tests.agent.rawagent import RawAgent, in_db, run
-from tests.harness import ConsoleServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,15 +34,9 @@ CLAIMS = {"agent_sha256": "a" * 64, "model_sha256": "b" * 64, "boot_id": "boot-1
 
 
 @pytest.fixture
-def server(transactional_db, settings):
-    """The console with download URLs pointing at itself, so agents' URLs are fetchable (offers
-    are built by whichever process runs the orchestrator tick: here, the test's)."""
-    server = ConsoleServer(connection.settings_dict)
-    server.env["ROLLOUTS_DOWNLOAD_BASE_URL"] = server.http_url
-    settings.ROLLOUTS_DOWNLOAD_BASE_URL = server.http_url
-    server.start()
-    yield server
-    server.stop()
+def server(ota_server):
+    """The console with download URLs pointing at itself (tests/agent/conftest.py)."""
+    return ota_server
 
 
 async def connect(url: str, uid: str, token: str, label: str = "iso") -> RawAgent:

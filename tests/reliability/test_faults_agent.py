@@ -285,17 +285,6 @@ def model_zip(version: str) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture
-def ota_server(transactional_db, settings):
-    server = ConsoleServer(connection.settings_dict)
-    # Offers are built both in the server (on connect) and here (orchestrator.tick): same URL.
-    server.env["ROLLOUTS_DOWNLOAD_BASE_URL"] = server.http_url
-    settings.ROLLOUTS_DOWNLOAD_BASE_URL = server.http_url
-    server.start()
-    yield server
-    server.stop()
-
-
 # kill point -> what the restarted agent must end with
 KILL_POINTS = {
     "downloaded": "committed",    # downloaded, not verified: nothing installed; re-offered, finishes
