@@ -20,19 +20,21 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.db import database_sync_to_async
+from asgiref.sync import sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import DatabaseError, DataError, transaction
+from django.db import DatabaseError, DataError, connections, transaction
 
 from agent_stub import protocol as p
 from console.presence import presence
@@ -49,8 +51,9 @@ from telemetry import conf as telemetry_conf
 
 log = logging.getLogger(__name__)
 
-# Frames a quarantined device may still receive (contract: attestation only).
-QUARANTINE_ALLOWED = {"attest.challenge", "attest.result", "error", "ack", "welcome"}
+# Frames a quarantined device may still receive (contract: no offers or commands): attestation,
+# and `rollout.cancel` so that an install the quarantine cancelled stops on the device too.
+QUARANTINE_ALLOWED = {"attest.challenge", "attest.result", "error", "ack", "welcome", "rollout.cancel"}
 
 
 def db(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
@@ -59,9 +62,75 @@ def db(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     Not Channels' default single shared thread: with thousands of devices (re)connecting at
     once, handshakes serialised on one thread back up past the 10 s handshake limit. Each
     call is self-contained (its own transaction), and one connection awaits its calls in
-    order, so per-device ordering holds.
+    order, so per-device ordering holds. Unlike Channels' `database_sync_to_async` there is
+    no connection health check (`SELECT 1`) before every call — that was one round trip in
+    four on the handshake path; see `_recycle_connections`.
     """
-    return database_sync_to_async(fn, thread_sensitive=False)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _recycle_connections()
+
+    return sync_to_async(call, thread_sensitive=False)
+
+
+def _recycle_connections() -> None:
+    """Django's end-of-request connection housekeeping, for a pool thread's connection, only
+    when it is due: a connection that saw an error is checked (closed if broken, e.g. after a
+    PostgreSQL restart: that one call failed and was shed with 4503, the next reconnects), an
+    old one (DB_CONN_MAX_AGE) is closed, one left in a transaction is dropped. A healthy
+    connection is reused as it is."""
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is None:
+            continue
+        due = conn.close_at is not None and time.monotonic() >= conn.close_at
+        if conn.errors_occurred or due or conn.in_atomic_block or not conn.get_autocommit():
+            conn.close_if_unusable_or_obsolete()
+
+
+class Admission:
+    """Bounds the handshakes one process works on at once, and how many may wait.
+
+    Under a reconnect storm (a whole site's devices after a network outage) accepting every
+    handshake means each waits behind all the others, past its agent's timeout, and the
+    server then spends its time on agents that have already left. Instead, a few run at a
+    time (`AGENT_HANDSHAKE_CONCURRENCY`), up to `AGENT_HANDSHAKE_BACKLOG` wait in order,
+    and the rest are shed at once with the contract's `4503` and a jittered `retry_after_ms`,
+    which spreads their retries over the next seconds.
+    """
+
+    def __init__(self, concurrency: int, backlog: int) -> None:
+        self.slots = asyncio.Semaphore(concurrency)
+        self.backlog = backlog
+        self.waiting = 0
+        self.shed = 0
+
+    def full(self) -> bool:
+        return self.slots.locked() and self.waiting >= self.backlog
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+
+_admission: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Admission] = weakref.WeakKeyDictionary()
+
+
+def admission() -> Admission:
+    """This event loop's admission control (one per process in production; tests may run several loops)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _admission:
+        _admission[loop] = Admission(settings.AGENT_HANDSHAKE_CONCURRENCY, settings.AGENT_HANDSHAKE_BACKLOG)
+    return _admission[loop]
 
 
 def now_ms() -> int:
@@ -250,7 +319,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         try:
             if self.session is None:
-                await self._handshake(frame)
+                await self._admitted_handshake(frame)
             else:
                 presence().seen(self.session.device_id)
                 await self._route(frame)
@@ -271,6 +340,18 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return False
         self.tokens -= 1
         return True
+
+    async def _admitted_handshake(self, frame: dict) -> None:
+        gate = admission()
+        if gate.full():
+            gate.shed += 1
+            raise Closing(p.Close.OVERLOADED, p.error(
+                code="overloaded", message="too many devices connecting at once; retry later",
+                retry_after_ms=random.randint(1000, settings.AGENT_HANDSHAKE_RETRY_MS)))
+        async with gate.slot():
+            if self.closed:
+                return  # the agent left (or the handshake deadline passed) while this one waited
+            await self._handshake(frame)
 
     async def _handshake(self, frame: dict) -> None:
         kind = frame["type"]
@@ -315,15 +396,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # Tell an older connection of this device (in any process) to step aside, then join.
         await self._layer_call("group_send", group, {"type": "device.replace", "channel": self.channel_name})
         await self._layer_call("group_add", group, self.channel_name)
-        # One trip to the database for everything a new session needs.
-        commands, challenge = await db(open_session)(device_id=session.device_id, session=self.conn_id,
-                                                     status=self.status)
+        # One trip to the database (one transaction) for everything a new session needs.
+        start = await db(open_session)(device_id=session.device_id, session=self.conn_id)
+        self.status = start.status
         self.acker = asyncio.get_running_loop().create_task(self._ack_loop())
-        await self._send_welcome()
-        await self._send_commands(commands)
-        if challenge is not None:
-            await self.send_frame(challenge)
-        await self._send_pending_offers()
+        await self._send_welcome(start.keys)
+        await self._send_commands(start.commands)
+        if start.challenge is not None:
+            await self.send_frame(start.challenge)
+        for offer in start.offers:
+            await self._send_offer(offer)
 
     async def _enroll(self, enroll: p.Enroll, *, tpm: attestation.TpmEnrollment | None) -> Any:
         return await db(security_services.device_enroll)(
@@ -369,8 +451,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         await self.send_frame(p.attest_result(str(evidence.challenge_id), result.status))
 
-    async def _send_welcome(self) -> None:
-        keys = await db(rollouts_selectors.artifact_public_keys)()
+    async def _send_welcome(self, keys: list[tuple[str, bytes]] | None = None) -> None:
+        if keys is None:
+            keys = await db(rollouts_selectors.artifact_public_keys)()
         self.announced_keys = {key_id for key_id, _ in keys}
         await self.send_frame(p.welcome(
             device_uid=self.session.uid, status=self.status, last_acked_seq=self.committed,
@@ -378,7 +461,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         ))
 
     async def _send_pending_offers(self) -> None:
-        """Offers the device missed while offline (or whose push was lost) — active devices only."""
+        """Offers the device missed (after a status change mid-session) — active devices only."""
         if self.status != DeviceStatus.ACTIVE:
             return
         for offer in await db(rollouts_services.pending_offers)(device_id=self.session.device_id):
@@ -571,15 +654,34 @@ def commands_allowed(status: str) -> list[str] | None:
     return [DeviceCommand.Name.ATTEST] if status == DeviceStatus.QUARANTINED else None
 
 
-def open_session(*, device_id: int, session: str, status: str) -> tuple[list[DeviceCommand], dict | None]:
-    """Mark the device online and gather what a fresh session is sent after `welcome`:
-    queued commands and an attestation challenge (active and quarantined devices only)."""
-    fleet_services.presence_connected(device_id=device_id, session=session)
+@dataclass
+class SessionStart:
+    """What a fresh session is sent after authentication, in this order: `welcome` (with the
+    artifact keyring), queued commands, an attestation challenge, offers missed while offline."""
+
+    status: str
+    keys: list[tuple[str, bytes]]
+    commands: list[DeviceCommand] = field(default_factory=list)
+    challenge: dict | None = None
+    offers: list[dict] = field(default_factory=list)
+
+
+@transaction.atomic
+def open_session(*, device_id: int, session: str) -> SessionStart:
+    """Mark the device online and gather its session start, in one transaction (one commit on
+    the path every reconnect takes). The status is read from the device row the presence
+    update locks, so a quarantine or decommission since `auth` is seen here."""
+    status = fleet_services.presence_connected(device_id=device_id, session=session) or DeviceStatus.DECOMMISSIONED
+    start = SessionStart(status=status, keys=rollouts_selectors.artifact_public_keys())
     if status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
-        return [], None
-    commands = fleet_services.commands_claim_for_delivery(device_id=device_id, allow=commands_allowed(status),
-                                                         include_unanswered=True)
-    return commands, attestation.challenge_issue(device_id=device_id, reason="connect")
+        return start
+    start.commands = fleet_services.commands_claim_for_delivery(device_id=device_id, allow=commands_allowed(status),
+                                                                include_unanswered=True)
+    start.challenge = attestation.challenge_issue(device_id=device_id, reason="connect")
+    if status == DeviceStatus.ACTIVE and rollouts_selectors.offers_waiting(device_id=device_id):
+        # Offers the device missed while offline (or whose push was lost).
+        start.offers = rollouts_services.pending_offers(device_id=device_id)
+    return start
 
 
 def frame_indices(item: Pending, extra: list[tuple[int, str]]) -> list[dict]:

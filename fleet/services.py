@@ -189,15 +189,27 @@ def device_approve(*, actor: Any, device: Device, reason: str = "") -> Device:
 def device_quarantine(*, actor: Any, device: Device, reason: str) -> Device:
     if not reason:
         raise InvalidInput("a reason is required to quarantine a device")
-    return _transition(actor=actor, device=device, to=DeviceStatus.QUARANTINED,
-                       allowed_from=[DeviceStatus.ACTIVE, DeviceStatus.PENDING], action="device.quarantine",
-                       reason=reason)
+    device = _transition(actor=actor, device=device, to=DeviceStatus.QUARANTINED,
+                         allowed_from=[DeviceStatus.ACTIVE, DeviceStatus.PENDING], action="device.quarantine",
+                         reason=reason)
+    # A quarantined device takes no updates: its outstanding rollout executions end in this
+    # transaction (every path, attestation included, comes through here). Imported here:
+    # rollouts builds on fleet, not the other way round.
+    from rollouts.services import executions_quarantine
+
+    executions_quarantine(actor=actor, device=device, reason=reason)
+    return device
 
 
 @transaction.atomic
 def device_release(*, actor: Any, device: Device, reason: str = "") -> Device:
-    return _transition(actor=actor, device=device, to=DeviceStatus.ACTIVE, allowed_from=[DeviceStatus.QUARANTINED],
-                       action="device.release", reason=reason)
+    device = _transition(actor=actor, device=device, to=DeviceStatus.ACTIVE, allowed_from=[DeviceStatus.QUARANTINED],
+                         action="device.release", reason=reason)
+    # Campaigns still running take the device back (see device_quarantine).
+    from rollouts.services import executions_release
+
+    executions_release(actor=actor, device=device, reason=reason)
+    return device
 
 
 @transaction.atomic
@@ -352,8 +364,13 @@ def commands_claim_for_delivery(*, device_id: int, allow: Iterable[str] | None =
     sent again: the earlier connection may have died with them in flight. Delivery is
     at-least-once; agents answer each command id once.
     """
-    now = timezone.now()
     live = [DeviceCommand.State.QUEUED, DeviceCommand.State.SENT]
+    with connection.cursor() as cursor:  # the common case on every connect: nothing waiting (one cheap statement)
+        cursor.execute("SELECT EXISTS (SELECT 1 FROM fleet_devicecommand WHERE device_id = %s AND state = ANY(%s))",
+                       [device_id, live])
+        if not cursor.fetchone()[0]:
+            return []
+    now = timezone.now()
     DeviceCommand.objects.filter(device_id=device_id, state__in=live, expires_at__lte=now).update(
         state=DeviceCommand.State.EXPIRED, completed_at=now
     )
@@ -383,19 +400,24 @@ def command_complete(*, device_id: int, command_id: str, ok: bool, output: str) 
 
 
 # The presence change and its history row in one statement: one round trip on the handshake path.
+# It answers with the device's status as of that locked row (connect reads it for the session).
 _PRESENCE_SQL = (
     "WITH changed AS (UPDATE fleet_device SET online = %(online)s, last_seen = %(at)s, session = %(new_session)s"
-    " WHERE id = %(device)s {only_session} RETURNING id)"
-    " INSERT INTO fleet_presenceevent (device_id, kind, at, session) SELECT id, %(kind)s, %(at)s, %(session)s"
-    " FROM changed"
+    " WHERE id = %(device)s {only_session} RETURNING id, status),"
+    " logged AS (INSERT INTO fleet_presenceevent (device_id, kind, at, session) SELECT id, %(kind)s, %(at)s,"
+    " %(session)s FROM changed)"
+    " SELECT status FROM changed"
 )
 
 
-def presence_connected(*, device_id: int, session: str) -> None:
+def presence_connected(*, device_id: int, session: str) -> str | None:
+    """Mark the device online with this session; returns its current status (None: no such device)."""
     with connection.cursor() as cursor:
         cursor.execute(_PRESENCE_SQL.format(only_session=""), {
             "online": True, "at": timezone.now(), "new_session": session, "device": device_id,
             "kind": PresenceEvent.Kind.CONNECTED, "session": session})
+        row = cursor.fetchone()
+    return row[0] if row else None
 
 
 def presence_disconnected(*, device_id: int, session: str) -> None:

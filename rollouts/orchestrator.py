@@ -345,7 +345,10 @@ def _offer_batch(campaign: Campaign, now: dt.datetime) -> list[tuple[int | None,
         device_id, version = row["device_id"], row["target_version"]
         if device is None or device["status"] != DeviceStatus.ACTIVE:
             status = device["status"] if device else "deleted"
-            skipped.append((row["id"], S.CANCELED, f"device_{status}", f"the device is {status}"))
+            # Quarantine cancels a device's executions itself; one caught here (quarantined while
+            # this step ran) gets the same code, so a release queues it again.
+            code = services.QUARANTINED if status == DeviceStatus.QUARANTINED else f"device_{status}"
+            skipped.append((row["id"], S.CANCELED, code, f"the device is {status}"))
         elif (device["pinned_versions"] or {}).get(campaign.kind) not in (None, version):
             skipped.append((row["id"], S.PINNED, "pinned", "the device pins this component to another version"))
         elif (device["installed_versions"] or {}).get(campaign.kind) == version:

@@ -15,9 +15,22 @@ EXECUTION_ESTIMATE_S = 600  # assumed download + install + health check per devi
 
 
 def artifact_public_keys() -> list[tuple[str, bytes]]:
-    """(key_id, raw Ed25519 public key) of every key agents should trust (not revoked)."""
-    return [(key_id, bytes(public)) for key_id, public in
-            SigningKey.objects.filter(revoked_at__isnull=True).order_by("created_at").values_list("key_id", "public_key")]
+    """(key_id, raw Ed25519 public key) of every key agents should trust (not revoked).
+    Raw SQL: every agent (re)connect reads it."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT key_id, public_key FROM rollouts_signingkey WHERE revoked_at IS NULL ORDER BY created_at")
+        return [(key_id, bytes(public)) for key_id, public in cursor.fetchall()]
+
+
+def offers_waiting(*, device_id: int) -> bool:
+    """Whether `services.pending_offers` has anything for the device: a cheap check on every
+    connect, so the full read (with locks and fresh download URLs) runs only when it does."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM rollouts_execution e JOIN rollouts_campaign c ON c.id = e.campaign_id"
+            " WHERE e.device_id = %s AND e.state = ANY(%s) AND e.variant_id IS NOT NULL AND c.state <> %s)",
+            [device_id, list(services.REOFFER), Campaign.State.ABORTED])
+        return cursor.fetchone()[0]
 
 
 def verify_manifest(*, manifest: bytes, signature: bytes, key_id: str) -> bool:

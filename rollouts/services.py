@@ -3,8 +3,10 @@ atomic, audited; side effects (doorbells, orchestrator kicks) only after commit.
 
 Contracts used by the agent connection (console/agent_consumer.py):
 - `execution_report(device_id=, report=)` applies a device's `rollout.status` inside the
-  frame's transaction. Unknown executions, other devices' executions and stale or
-  out-of-order states are ignored (logged), never raised: states only move forward.
+  frame's transaction. A report naming an unknown execution or another device's raises
+  `UnknownExecution` (the connection turns it into a refusal in the frame's ack); stale or
+  out-of-order states of the device's own executions are ignored (logged): states only move
+  forward, and a late report is legitimate.
 - `pending_offers(device_id=)` returns the `rollout.offer` frames a device should (re)receive
   when it connects, with fresh download URLs.
 """
@@ -56,6 +58,14 @@ BUSY_RECHECK_S = 30
 class TooLarge(DomainError):
     status = 413
     code = "too_large"
+
+
+class UnknownExecution(DomainError):
+    """A `rollout.status` naming no execution of the reporting device. One message for an
+    unknown id and another device's: the answer must not tell a device which ids exist."""
+
+    status = 404
+    code = "unknown_execution"
 
 
 # --- keyring ----------------------------------------------------------------------------
@@ -806,13 +816,15 @@ def execution_report(*, device_id: int, report: p.RolloutStatus) -> None:
     try:
         execution_id = int(report.execution_id)
     except (TypeError, ValueError):
-        log.info("rollout.status for unknown execution %r from device %s ignored", report.execution_id, device_id)
-        return
-    execution = next(iter(Execution.objects.select_for_update(of=("self",)).select_related("campaign")
-                          .filter(pk=execution_id).order_by()[:1]), None)
-    if execution is None or execution.device_id != device_id:
-        log.info("rollout.status for execution %s not belonging to device %s ignored", execution_id, device_id)
-        return
+        execution_id = None
+    # Filtered by device in the query: another device's row is neither read nor locked.
+    execution = None if execution_id is None else next(iter(
+        Execution.objects.select_for_update(of=("self",)).select_related("campaign")
+        .filter(pk=execution_id, device_id=device_id).order_by()[:1]), None)
+    if execution is None:
+        log.info("rollout.status for execution %r refused: not an execution of device %s", report.execution_id,
+                 device_id)
+        raise UnknownExecution(f"execution {str(report.execution_id)[:64]} is not an execution of this device")
     campaign = execution.campaign
     now = timezone.now()
     new, current = report.state, execution.state
@@ -823,6 +835,14 @@ def execution_report(*, device_id: int, report: p.RolloutStatus) -> None:
         if current in DEVICE_FINAL or current in SKIPPED or (current == S.PENDING and execution.attempt == 0
                                                               and execution.offered_at is None):
             log.info("late %s for execution %s (already %s) ignored", new, execution_id, current)
+            return
+        if (current == S.CANCELED and new == S.FAILED and error is not None and error["retryable"]
+                and (execution.error or {}).get("code") == QUARANTINED):
+            # Nothing changed on the device (a retryable failure; typically its download refused
+            # once it was quarantined): the quarantine stays the outcome, so this is no rollout
+            # failure for the gates and a release queues it again. The report is kept beside it.
+            Execution.objects.filter(pk=execution.pk, state=S.CANCELED).update(
+                error={**execution.error, "device_error": error}, updated_at=now)
             return
         retry = (new == S.FAILED and error is not None and error["retryable"] and current not in SERVER_FINAL
                  and execution.attempt < campaign.max_retries and campaign.state in (CS.RUNNING, CS.PAUSED))
@@ -860,6 +880,114 @@ def execution_report(*, device_id: int, report: p.RolloutStatus) -> None:
             _revert_late_commit(campaign, device_id)
     if state != current and (state in DEVICE_FINAL or state in (S.DOWNLOADED, S.PENDING)):
         _kick_after_commit(campaign.id)
+
+
+# --- device quarantine --------------------------------------------------------------------
+
+QUARANTINED = "quarantined"  # error code of executions canceled because their device is quarantined
+OUTSTANDING = (S.PENDING, *LIVE)
+
+_QUARANTINE_SQL = """
+    UPDATE rollouts_execution e SET state = 'canceled', hold = '', deadline_at = NULL, next_attempt_at = NULL,
+        finished_at = %(now)s, updated_at = %(now)s,
+        error = jsonb_build_object('code', 'quarantined', 'retryable', false,
+                                   'detail', 'the device was quarantined while ' || old.state || ': ' || %(reason)s)
+    FROM (SELECT id, state FROM rollouts_execution WHERE device_id = %(device)s AND state = ANY(%(states)s)
+          ORDER BY id FOR UPDATE) old
+    WHERE e.id = old.id
+    RETURNING e.id, e.campaign_id, old.state, e.delivered_at IS NOT NULL
+"""
+
+
+@transaction.atomic
+def executions_quarantine(*, actor: Any, device: Device, reason: str) -> int:
+    """The device was quarantined (called by `fleet.services.device_quarantine`, in its
+    transaction): every outstanding execution of it ends as `canceled` with code `quarantined`,
+    whatever its phase, so nothing is offered or retried and it blocks no wave.
+
+    Offered, acked, downloading and downloaded ones are also sent `rollout.cancel` after
+    commit (best effort; their download URL stops serving at once). Installing and verifying
+    ones cannot be stopped on the device: their final outcome, when it comes, is still recorded
+    (`execution_report`), while no deadline, retry or re-offer follows. One audit entry per
+    campaign touched. Returns the number of executions canceled."""
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(_QUARANTINE_SQL, {"now": now, "reason": reason[:400], "device": device.pk,
+                                         "states": list(OUTSTANDING)})
+        rows = cursor.fetchall()
+    by_campaign: dict[int, dict[str, str]] = {}
+    for execution_id, campaign_id, old_state, _ in rows:
+        by_campaign.setdefault(campaign_id, {})[str(execution_id)] = old_state
+    for campaign in Campaign.objects.filter(id__in=list(by_campaign)).order_by("id"):
+        audit.record(actor=actor, action="execution.cancel", target=campaign,
+                     data={"reason": reason, "code": QUARANTINED, "device": device.uid,
+                           "executions": by_campaign[campaign.id]})
+    notify = [(execution_id, device.pk) for execution_id, _, old_state, delivered in rows
+              if delivered and old_state in REOFFER]
+    if notify:
+        transaction.on_commit(lambda: _push_cancels(notify))
+    for campaign_id in by_campaign:
+        _kick_after_commit(campaign_id)  # its wave may have drained
+    return len(rows)
+
+
+@transaction.atomic
+def executions_release(*, actor: Any, device: Device, reason: str = "") -> int:
+    """The device was released from quarantine (called by `fleet.services.device_release`):
+    its executions canceled for the quarantine in running or paused campaigns (also those it
+    was quarantined for when the campaign started) are queued again, in the campaign's current
+    wave at the earliest. Where two campaigns of the same artifact then queue it, the older
+    version is superseded. Completed and aborted campaigns do not take it back. One audit entry
+    per campaign. Returns the number of executions queued again."""
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """UPDATE rollouts_execution e SET state = 'pending', hold = '', error = NULL, progress = 0,
+                   deadline_at = NULL, next_attempt_at = NULL, delivered_at = NULL, finished_at = NULL,
+                   wave = GREATEST(e.wave, c.current_wave), updated_at = %(now)s
+               FROM rollouts_campaign c
+               WHERE c.id = e.campaign_id AND c.state IN ('running', 'paused') AND e.device_id = %(device)s
+                 AND e.state = 'canceled' AND e.error ->> 'code' = 'quarantined'
+               RETURNING e.id, e.campaign_id""",
+            {"now": now, "device": device.pk})
+        rows = cursor.fetchall()
+    if not rows:
+        return 0
+    superseded = _supersede_for_device(device)
+    requeued: dict[int, list[int]] = {}
+    for execution_id, campaign_id in rows:
+        requeued.setdefault(campaign_id, []).append(execution_id)
+    for campaign in Campaign.objects.filter(id__in=list(requeued)).order_by("id"):
+        audit.record(actor=actor, action="execution.requeue", target=campaign,
+                     data={"reason": reason, "code": "released", "device": device.uid,
+                           "executions": requeued[campaign.id],
+                           "superseded": [e for e in superseded if e in requeued[campaign.id]]})
+        if campaign.state == CS.RUNNING:
+            _kick_after_commit(campaign.id)
+    return len(rows) - len(set(superseded) & {execution_id for execution_id, _ in rows})
+
+
+def _supersede_for_device(device: Device) -> list[int]:
+    """Of the device's queued or live executions in running/paused campaigns, queued ones whose
+    version is older than another campaign's for the same artifact become `superseded` (as at
+    campaign start): a release must not install an old version after a newer one."""
+    rows = list(Execution.objects.filter(device=device, state__in=OUTSTANDING,
+                                         campaign__state__in=[CS.RUNNING, CS.PAUSED], campaign__artifact__isnull=False)
+                .values_list("id", "state", "campaign_id", "component", "campaign__artifact_name",
+                             "campaign__artifact__version"))
+    newest: dict[tuple[str, str], tuple[semver.Version, int]] = {}
+    for _, _, campaign_id, component, name, version in rows:
+        parsed = semver.Version.parse(version)
+        if (component, name) not in newest or parsed > newest[(component, name)][0]:
+            newest[(component, name)] = (parsed, campaign_id)
+    older = [(execution_id, newest[(component, name)]) for execution_id, state, _, component, name, version in rows
+             if state == S.PENDING and semver.Version.parse(version) < newest[(component, name)][0]]
+    for execution_id, (version, campaign_id) in older:
+        Execution.objects.filter(pk=execution_id, state=S.PENDING).update(
+            state=S.SUPERSEDED, hold="", finished_at=timezone.now(),
+            error={"code": "superseded", "retryable": False,
+                   "detail": f"superseded by campaign {campaign_id} ({version})"})
+    return [execution_id for execution_id, _ in older]
 
 
 def _kick_after_commit(campaign_id: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import uuid
@@ -24,7 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -149,33 +150,55 @@ def tpm_ek_approve(*, actor: Any, device: Device) -> TpmIdentity:
 
 # --- challenges -------------------------------------------------------------------------
 
+# The most specific active policy of a device: one of its groups', then one for its hardware
+# model, then a default; the highest version within a rank. The one place that ranking lives:
+# `policy_for` reads it, and challenges (issued on every connect) embed it.
+_POLICY_SQL = """
+SELECT p.id, p.pcr_selection FROM security_attestationpolicy p
+WHERE p.state = %(active)s AND (
+    p.group_id IN (SELECT m.devicegroup_id FROM fleet_devicegroup_devices m WHERE m.device_id = %(device)s)
+    OR (p.group_id IS NULL AND (p.hardware_model = ''
+        OR p.hardware_model = (SELECT d.hardware_model FROM fleet_device d WHERE d.id = %(device)s))))
+ORDER BY CASE WHEN p.group_id IS NOT NULL THEN 0 WHEN p.hardware_model <> '' THEN 1 ELSE 2 END, p.version DESC
+LIMIT 1
+"""
+
+# A challenge in one statement (raw SQL: every connect issues one): the policy's PCR
+# selection (the default when it has none), the challenge row, and the trust row's
+# last_challenge_at. A device without a trust row yet gets it from the ORM afterwards.
+_CHALLENGE_SQL = """
+WITH policy AS (POLICY),
+trust AS (UPDATE security_devicetrust SET last_challenge_at = %(now)s WHERE device_id = %(device)s RETURNING 1)
+INSERT INTO security_attestationchallenge (id, device_id, nonce, pcrs, reason, created_at, expires_at, answered_at)
+SELECT %(id)s, %(device)s, %(nonce)s,
+       COALESCE((SELECT NULLIF(pcr_selection, '[]'::jsonb) FROM policy), %(default_pcrs)s::jsonb),
+       %(reason)s, %(now)s, %(expires)s, NULL
+RETURNING pcrs, EXISTS (SELECT 1 FROM trust)
+""".replace("POLICY", _POLICY_SQL)
+
+
 def policy_for(device: Device) -> AttestationPolicy | None:
     """The most specific active policy: the device's group, then its hardware model, then a default."""
-    active = AttestationPolicy.objects.filter(state=AttestationPolicy.State.ACTIVE)
-    group_ids = list(device.groups.values_list("id", flat=True))
-    for candidate in (
-        active.filter(group_id__in=group_ids).order_by("-version").first() if group_ids else None,
-        active.filter(group__isnull=True, hardware_model=device.hardware_model).exclude(hardware_model="")
-        .order_by("-version").first(),
-        active.filter(group__isnull=True, hardware_model="").order_by("-version").first(),
-    ):
-        if candidate is not None:
-            return candidate
-    return None
+    with connection.cursor() as cursor:
+        cursor.execute(_POLICY_SQL, {"active": AttestationPolicy.State.ACTIVE, "device": device.pk})
+        row = cursor.fetchone()
+    return None if row is None else AttestationPolicy.objects.filter(pk=row[0]).first()
 
 
 def challenge_issue(*, device_id: int, reason: str) -> dict:
     """Create a single-use challenge and return its `attest.challenge` frame."""
-    device = Device.objects.get(pk=device_id)
-    policy = policy_for(device)
-    pcrs = (policy.pcr_selection if policy and policy.pcr_selection else DEFAULT_PCRS)
-    challenge = AttestationChallenge.objects.create(
-        id=uuid.uuid4(), device_id=device_id, nonce=os.urandom(32), pcrs=pcrs, reason=reason,
-        expires_at=timezone.now() + _challenge_ttl(),
-    )
-    DeviceTrust.objects.update_or_create(device_id=device_id, defaults={"last_challenge_at": challenge.created_at})
-    return p.attest_challenge(str(challenge.id), bytes(challenge.nonce), int(challenge.expires_at.timestamp() * 1000),
-                              pcrs=pcrs)
+    challenge_id, nonce, now = uuid.uuid4(), os.urandom(32), timezone.now()
+    expires = now + _challenge_ttl()
+    with connection.cursor() as cursor:
+        cursor.execute(_CHALLENGE_SQL, {
+            "active": AttestationPolicy.State.ACTIVE, "device": device_id, "now": now, "id": challenge_id,
+            "nonce": nonce, "default_pcrs": json.dumps(DEFAULT_PCRS), "reason": reason, "expires": expires})
+        pcrs, trust_updated = cursor.fetchone()
+    if not trust_updated:
+        DeviceTrust.objects.bulk_create([DeviceTrust(device_id=device_id, last_challenge_at=now)], update_conflicts=True,
+                                        unique_fields=["device"], update_fields=["last_challenge_at"])
+    pcrs = json.loads(pcrs) if isinstance(pcrs, str) else pcrs
+    return p.attest_challenge(str(challenge_id), nonce, int(expires.timestamp() * 1000), pcrs=pcrs)
 
 
 @transaction.atomic

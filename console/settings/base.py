@@ -198,6 +198,12 @@ FLEET_PRESENCE_HISTORY_DAYS = env_int("FLEET_PRESENCE_HISTORY_DAYS", 30, minimum
 AGENT_MAX_FRAME_BYTES = env_int("AGENT_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)
 AGENT_MAX_POINTS = env_int("AGENT_MAX_POINTS", 1000, minimum=1)
 AGENT_HANDSHAKE_TIMEOUT_S = env_float("AGENT_HANDSHAKE_TIMEOUT_S", 10, minimum=0.1)
+# Admission control (console/agent_consumer.py: Admission): handshakes worked on at once per
+# process, how many more may wait, and the upper bound of the jittered retry_after_ms given to
+# those shed with 4503 beyond that.
+AGENT_HANDSHAKE_CONCURRENCY = env_int("AGENT_HANDSHAKE_CONCURRENCY", 16, minimum=1)
+AGENT_HANDSHAKE_BACKLOG = env_int("AGENT_HANDSHAKE_BACKLOG", 500, minimum=0)
+AGENT_HANDSHAKE_RETRY_MS = env_int("AGENT_HANDSHAKE_RETRY_MS", 5000, minimum=1000)
 AGENT_HEARTBEAT_S = env_int("AGENT_HEARTBEAT_S", 30, minimum=1)
 AGENT_RATE_PER_S = env_float("AGENT_RATE_PER_S", 50, minimum=0.1)  # sustained messages per second per device
 AGENT_RATE_BURST = env_int("AGENT_RATE_BURST", 200, minimum=1)

@@ -152,18 +152,20 @@ def test_abort_and_revert_sends_committed_devices_back_to_their_previous_version
     assert Device.objects.get(pk=x.device_id).installed_versions["model"] == "1.0.0"
 
 
-def test_reports_never_move_an_execution_backwards_and_foreign_reports_are_ignored():
+def test_reports_never_move_an_execution_backwards_and_foreign_reports_are_refused():
     one, other = make_fleet(2)
     campaign = make_campaign(make_artifact())
     tick()
     execution = Execution.objects.get(campaign=campaign, device=one)
     report(execution, "downloaded")
-    report(execution, "acked")  # late, out of order
+    report(execution, "acked")  # late, out of order: a silent no-op
     assert Execution.objects.get(pk=execution.pk).state == S.DOWNLOADED
-    report(execution, "installing", device_id=other.id)  # not this device's execution
+    with pytest.raises(services.UnknownExecution, match="not an execution of this device"):
+        report(execution, "installing", device_id=other.id)  # not this device's execution
     assert Execution.objects.get(pk=execution.pk).state == S.DOWNLOADED
-    services.execution_report(device_id=one.id, report=p.RolloutStatus(  # unknown execution: ignored
-        seq=1, execution_id=999_999_999, state="committed", progress=100, error=None))
+    with pytest.raises(services.UnknownExecution, match="not an execution of this device"):
+        services.execution_report(device_id=one.id, report=p.RolloutStatus(  # unknown execution
+            seq=1, execution_id=999_999_999, state="committed", progress=100, error=None))
     report(execution, "committed")
     report(execution, "rolled_back")  # after a final outcome: ignored
     assert Execution.objects.get(pk=execution.pk).state == S.COMMITTED

@@ -261,6 +261,52 @@ def test_a_device_whose_auth_outlasts_the_handshake_deadline_does_not_come_onlin
         server.stop()
 
 
+def test_handshakes_beyond_the_admission_backlog_are_shed_with_4503_and_a_retry_hint(transactional_db,
+                                                                                    enrollment_token):
+    """One handshake at a time and none waiting: while the first is held up in the database,
+    the next is refused at once (before anything is read or written for it), and both devices
+    get in once the first finishes."""
+    import psycopg
+    from django.db import connection
+
+    from tests.harness import ConsoleServer, database_url_for
+
+    server = ConsoleServer(connection.settings_dict, extra_env={
+        "AGENT_HANDSHAKE_CONCURRENCY": "1", "AGENT_HANDSHAKE_BACKLOG": "0", "AGENT_HANDSHAKE_RETRY_MS": "2000"}).start()
+    token = enrollment_token(auto_approve=True)
+    try:
+        async def scenario():
+            first, second = RawAgent(server.ws_url, "adm-first"), RawAgent(server.ws_url, "adm-second")
+            for agent in (first, second):
+                assert (await agent.enroll(token))["status"] == "active"
+                await agent.close()
+            with psycopg.connect(database_url_for(connection.settings_dict)) as blocker:
+                blocker.execute("LOCK TABLE fleet_device IN ACCESS EXCLUSIVE MODE")  # the first auth waits here
+                first, second = (RawAgent(server.ws_url, a.uid, key=a.key) for a in (first, second))
+                await first.open()
+                await first.send({"type": "auth", "device_uid": first.uid, "sig": first.sign(), "agent_version": "t"})
+                await asyncio.sleep(0.5)
+                await second.open()
+                await second.send({"type": "auth", "device_uid": second.uid, "sig": second.sign(),
+                                   "agent_version": "t"})
+                shed = await second.recv(timeout=2)  # answered while the table is still locked
+                shed_code = await second.closed_code(timeout=2)
+            welcome = await first.recv()
+            retry = RawAgent(server.ws_url, second.uid, key=second.key)
+            assert (await retry.auth())["type"] == "welcome"
+            await first.close()
+            await retry.close()
+            return shed, shed_code, welcome
+
+        shed, shed_code, welcome = run(scenario())
+        assert shed_code == 4503
+        assert shed["type"] == "error" and shed["code"] == "overloaded"
+        assert 1000 <= shed["retry_after_ms"] <= 2000
+        assert welcome["type"] == "welcome" and welcome["device_uid"] == "adm-first"
+    finally:
+        server.stop()
+
+
 def test_a_device_flooding_messages_is_rate_limited_with_4429(transactional_db, enrollment_token):
     from django.db import connection
 
