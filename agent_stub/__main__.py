@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--enroll-token", help="enrollment token (first run only)")
     run.add_argument("--uid", help="device uid to enroll with (default: generated and kept in the state dir)")
     run.add_argument("--tpm", metavar="SPEC", help="use a TPM: /dev/tpmrm0 or swtpm:host=H,port=P")
+    run.add_argument("--inference", choices=["auto", "numpy", "onnxruntime"],
+                     help="inference backend (default: $AGENT_INFERENCE_BACKEND or auto: numpy when it runs the "
+                          "model, else onnxruntime)")
 
     sim = sub.add_parser("simulate", help="run many simulated devices in this process")
     sim.add_argument("--server", required=True, type=_server_url)
@@ -80,10 +84,36 @@ def _install_signals(stop: Callable[[], object]) -> None:
         loop.add_signal_handler(sig, stop)
 
 
+def _malloc_tuning() -> Callable[[], None]:
+    """glibc malloc for a small long-running process: at most two arenas (instead of eight per
+    core for the few helper threads), and a ``trim`` that hands freed heap pages back to the
+    kernel (start-up, handshakes and OTA leave freed memory behind). A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0) and None
+
+
+async def _trim_periodically(trim: Callable[[], None], every_s: float = 30.0) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        trim()
+
+
 async def _run(args: argparse.Namespace) -> int:
     from agent_stub.client import Agent, AgentStop
+    from agent_stub.inference import BACKEND_ENV
     from agent_stub.keys import KeyFileError
 
+    trim = _malloc_tuning()
+    if args.inference:
+        os.environ[BACKEND_ENV] = args.inference  # OTA-loaded models use it too
     try:
         agent = Agent(args.server, args.state_dir, enroll_token=args.enroll_token, device_uid=args.uid,
                       tpm_spec=args.tpm)
@@ -94,8 +124,14 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"error: cannot use state directory {args.state_dir}: {exc}", file=sys.stderr)
         return 3
     _install_signals(agent.stop)
-    logging.getLogger(__name__).info("device %s, state in %s", agent.device_uid, args.state_dir)
-    code = await agent.run()
+    logging.getLogger(__name__).info("device %s, state in %s, inference backend %s", agent.device_uid,
+                                     args.state_dir, agent.model.backend)
+    trim()
+    trimmer = asyncio.create_task(_trim_periodically(trim))
+    try:
+        code = await agent.run()
+    finally:
+        trimmer.cancel()
     if agent.exit_message:
         print(f"agent stopped: {agent.exit_message}", file=sys.stderr)
     return code

@@ -185,13 +185,22 @@ def boot_id() -> str:
     return _cache["boot_id"]
 
 
+def _gpu_runtime() -> bool:
+    """Whether an installed onnxruntime has a GPU execution provider, found by its provider
+    libraries rather than by importing it (the numpy backend must not pay ~20 MB for this)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    capi = Path(next(iter(spec.submodule_search_locations))) / "capi"
+    return any(next(capi.glob(f"libonnxruntime_providers_{name}.*"), None) is not None
+               for name in ("cuda", "rocm", "tensorrt", "migraphx"))
+
+
 def capabilities(storage_path: str | Path | None = None) -> dict[str, Any]:
     """``state.capabilities`` from psutil/platform (computed once per process)."""
     if "caps" not in _cache:
-        import onnxruntime as ort
-
-        providers = set(ort.get_available_providers())
-        gpu = {"CUDAExecutionProvider", "ROCMExecutionProvider", "TensorrtExecutionProvider"}
         try:
             storage = psutil.disk_usage(str(storage_path or "/")).total // (1024 * 1024)
         except OSError:
@@ -199,7 +208,7 @@ def capabilities(storage_path: str | Path | None = None) -> dict[str, Any]:
         _cache["caps"] = {
             "cpu_cores": psutil.cpu_count() or 1,
             "ram_mb": psutil.virtual_memory().total // (1024 * 1024),
-            "accelerator": "gpu" if providers & gpu else "none",
+            "accelerator": "gpu" if _gpu_runtime() else "none",
             "storage_mb": storage,
             "arch": platform.machine()[:64] or "unknown",
             "os": f"{platform.system()} {platform.release()}"[:256],

@@ -1,11 +1,22 @@
 """Running the anomaly model: load, score, self-test, and share one session among devices.
 
-Owns the agent's use of ONNX Runtime.  ``AnomalyModel`` wraps one ``InferenceSession``
-(one intra-op thread: an edge box has other work, and the simulator wants one core per
-process, not a thread pool per device) loaded from a path, so OTA can load a candidate
-next to the running model, ``self_test`` it and swap.  ``BatchScorer`` lets the simulator's
-thousands of devices share that one session: scores requested in the same event-loop
-turn run as one batch.
+Owns the agent's choice of inference backend.  ``AnomalyModel`` wraps one session loaded
+from a path, so OTA can load a candidate next to the running model, ``self_test`` it and
+swap.  Two backends run the same ONNX file:
+
+* ``numpy`` (``agent_stub.onnx_numpy``): a small interpreter for the operators our models
+  use; no native library, ~28 MB less resident memory than ONNX Runtime (footprint
+  benchmark: 80 → 52 MB RSS), equal results to float32 rounding, ~0.2 ms per window:
+  plenty for one device's 1 Hz windows.
+* ``onnxruntime``: one ``InferenceSession`` (one intra-op thread: an edge box has other
+  work; no memory arena or memory pattern: a 1.4 KB graph does not need them).
+
+``backend="auto"`` (the default, or ``AGENT_INFERENCE_BACKEND``) uses numpy when it runs
+every operator of the model and ONNX Runtime otherwise (an OTA'd model with other
+operators still loads where ONNX Runtime is installed); the simulator asks for
+``onnxruntime`` when it is there (its batched thousands of devices favour it).
+``BatchScorer`` lets the simulator's devices share that one session: scores requested in
+the same event-loop turn run as one batch.
 """
 
 from __future__ import annotations
@@ -14,13 +25,13 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from agent_stub.sensors import CHANNELS, FAULT_KINDS, WINDOW, SensorStream
 
@@ -29,6 +40,8 @@ log = logging.getLogger(__name__)
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 DEFAULT_MODEL = MODEL_DIR / "anomaly-1.0.0.onnx"
 SELF_TEST_SEED = 424242
+BACKENDS = ("auto", "numpy", "onnxruntime")
+BACKEND_ENV = "AGENT_INFERENCE_BACKEND"
 
 
 class ModelError(Exception):
@@ -79,7 +92,7 @@ class AnomalyModel:
     """
 
     def __init__(self, path: str | Path = DEFAULT_MODEL, *, threshold: float | None = None,
-                 intra_op_threads: int = 1) -> None:
+                 intra_op_threads: int = 1, backend: str | None = None) -> None:
         self.path = Path(path)
         sidecar_path = self.path.with_suffix(".json")
         self.meta: dict[str, Any] = {}
@@ -91,15 +104,48 @@ class AnomalyModel:
             raise ModelError(f"{self.path}: no threshold (no sidecar {sidecar_path.name} and none given)")
         self.threshold = float(thr)
         self.sha256 = file_sha256(self.path)
+        wanted = backend or os.environ.get(BACKEND_ENV) or "auto"
+        if wanted not in BACKENDS:
+            raise ModelError(f"unknown inference backend {wanted!r} (one of {', '.join(BACKENDS)})")
+        self.session: Any = None
+        self.backend = ""
+        if wanted in ("auto", "numpy"):
+            from agent_stub.onnx_numpy import NumpySession, OnnxFormatError, UnsupportedModel
+
+            try:
+                self.session, self.backend = NumpySession(self.path), "numpy"
+            except (OnnxFormatError, OSError) as exc:
+                raise ModelError(f"{self.path}: cannot load model: {exc}") from exc
+            except UnsupportedModel as exc:
+                if wanted == "numpy":
+                    raise ModelError(f"{self.path}: the numpy backend cannot run it: {exc}") from exc
+                log.info("%s: %s; using onnxruntime", self.path, exc)
+            if self.session is not None:
+                names = self.session.input_names()
+                if len(names) != 1:
+                    raise ModelError(f"{self.path}: expected one input, got {len(names)}")
+                self.input_name, self.output_name = names[0], self.session.output_names()[0]
+                return
+        self._load_onnxruntime(intra_op_threads)
+
+    def _load_onnxruntime(self, intra_op_threads: int) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ModelError(f"{self.path}: needs onnxruntime, which is not installed: {exc}") from exc
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # onnxruntime warnings would drown the agent's log
+        # A tiny graph at 1 Hz: no arena or pre-planned memory pattern to keep resident.
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises several private exception types
             raise ModelError(f"{self.path}: cannot load model: {exc}") from exc
+        self.backend = "onnxruntime"
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ModelError(f"{self.path}: expected one input, got {len(inputs)}")
@@ -192,4 +238,4 @@ class BatchScorer:
                     fut.set_result((float(value), latency))
 
 
-__all__ = ["CHANNELS", "DEFAULT_MODEL", "WINDOW", "AnomalyModel", "BatchScorer", "ModelError", "file_sha256"]
+__all__ = ["BACKENDS", "CHANNELS", "DEFAULT_MODEL", "WINDOW", "AnomalyModel", "BatchScorer", "ModelError", "file_sha256"]

@@ -1,6 +1,6 @@
 """Agent footprint benchmark: one real agent process, its model loaded, 1 Hz inference.
 
-    .venv/bin/python -m benchmarks.footprint [--seconds 60] [--warmup 20]
+    .venv/bin/python -m benchmarks.footprint [--seconds 60] [--warmup 20] [--inference auto|numpy|onnxruntime]
 
 Starts a real console (uvicorn, `tests.harness.ConsoleServer`) on a scratch database and one
 agent stub process exactly as a device runs it (`python -m agent_stub run`, state directory in a
@@ -8,6 +8,8 @@ temp dir, enrolling with an auto-approve token; default config: sampling and inf
 1 Hz, a telemetry frame every 5 s, heartbeats). After the agent is welcomed and --warmup seconds,
 samples the agent's RSS/USS/PSS every second and its CPU time over --seconds, and counts the
 inference points the server stored in that window (proof that it was inferring at 1 Hz).
+``--inference`` picks the agent's inference backend (default: the agent's own default, auto:
+the numpy backend for the shipped model); the details say whether onnxruntime's library was mapped.
 Loopback only; stops the agent and the server and drops the scratch database.
 """
 
@@ -39,7 +41,7 @@ def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def run(*, seconds: float = 60.0, warmup: float = 20.0) -> dict:
+def run(*, seconds: float = 60.0, warmup: float = 20.0, inference: str | None = None) -> dict:
     from django.db import connection
     from django.utils import timezone
 
@@ -59,7 +61,8 @@ def run(*, seconds: float = 60.0, warmup: float = 20.0) -> dict:
             with log.open("wb") as out:
                 agent = subprocess.Popen(
                     [sys.executable, "-m", "agent_stub", "--log-level", "WARNING", "run", "--server", server.ws_url,
-                     "--state-dir", str(Path(state) / "agent"), "--enroll-token", token, "--uid", UID],
+                     "--state-dir", str(Path(state) / "agent"), "--enroll-token", token, "--uid", UID,
+                     *(["--inference", inference] if inference else [])],
                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
             def online() -> bool:
@@ -90,6 +93,7 @@ def run(*, seconds: float = 60.0, warmup: float = 20.0) -> dict:
                     inferences = cursor.fetchone()[0]
             connection.close()
             alive = agent.poll() is None
+            ort_loaded = "onnxruntime" in Path(f"/proc/{agent.pid}/maps").read_text()
         finally:
             if agent is not None and agent.poll() is None:
                 agent.terminate()
@@ -112,19 +116,21 @@ def run(*, seconds: float = 60.0, warmup: float = 20.0) -> dict:
         row("agent USS / PSS (end)", f"{uss:.1f} / {pss:.1f}", "MB"),
         row("agent CPU", cpu_pct, "% of a core", "≤ 2 %", cpu_pct <= 2),
         row("inferences stored by the server", rate, "/s", "≈ 1 Hz", 0.8 <= rate <= 1.2),
-    ], window_s=round(window, 1), inferences=inferences, agent_alive=alive, samples=len(samples))
+    ], window_s=round(window, 1), inferences=inferences, agent_alive=alive, samples=len(samples),
+                  onnxruntime_loaded=ort_loaded)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=20.0, help="after the welcome; inference starts after 16 samples")
+    parser.add_argument("--inference", choices=["auto", "numpy", "onnxruntime"], help="the agent's inference backend")
     args = parser.parse_args()
     from benchmarks import setup_django
     from benchmarks.run import print_results
 
     setup_django()
-    print_results([run(seconds=args.seconds, warmup=args.warmup)])
+    print_results([run(seconds=args.seconds, warmup=args.warmup, inference=args.inference)])
 
 
 if __name__ == "__main__":
