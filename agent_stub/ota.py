@@ -281,12 +281,15 @@ class OtaManager:
             (self.dir / "journal.json").unlink()
 
     async def _finish(self, execution_id: Any, state: str, error: dict | None) -> None:
-        done = _read_json(self.dir / "done.json", {})
-        done[str(execution_id)] = {"state": state, "error": error, "at": int(self.clock() * 1000)}
-        if len(done) > DONE_KEEP:
-            for old in sorted(done, key=lambda k: done[k]["at"])[: len(done) - DONE_KEEP]:
-                done.pop(old)
-        _write_json(self.dir / "done.json", done)
+        # A retryable failure is not an outcome: the server retries with the same execution id
+        # (and re-queues it after a quarantine is released), and that offer must run again.
+        if not (state == "failed" and (error or {}).get("retryable")):
+            done = _read_json(self.dir / "done.json", {})
+            done[str(execution_id)] = {"state": state, "error": error, "at": int(self.clock() * 1000)}
+            if len(done) > DONE_KEEP:
+                for old in sorted(done, key=lambda k: done[k]["at"])[: len(done) - DONE_KEEP]:
+                    done.pop(old)
+            _write_json(self.dir / "done.json", done)
         self._clear_journal()
         await self._report(execution_id, state, 100 if state == "committed" else 0, error)
 

@@ -203,6 +203,29 @@ def test_installs_wait_for_the_window_and_a_missed_window_is_a_retryable_failure
                                                                        "detail": reports.last_error["detail"]}
 
 
+def test_a_retry_of_a_retryable_failure_runs_again_but_a_final_outcome_is_only_re_reported(tmp_path, server):
+    reports = Reports()
+    now = P.now_ms()
+
+    async def scenario():
+        ota = manager(tmp_path, reports)
+        await ota.handle_offer(offer(server, model_zip(), execution_id=5, window=(now - 60_000, now - 1000)))
+        await ota.wait()  # window missed: failed, retryable
+        await ota.handle_offer(offer(server, model_zip(), execution_id=5))  # the server's retry, same id
+        await ota.wait()
+        before = len(reports.items)
+        await ota.handle_offer(offer(server, model_zip(), execution_id=5))  # a duplicate of the committed one
+        await ota.wait()
+        return ota, before
+
+    ota, before = run(scenario())
+    states = [state for _, state, _, _ in reports.items[:before]]
+    assert "failed" in states and states[-1] == "committed"
+    assert "downloading" in states[states.index("failed"):]  # the retry really ran again
+    assert ota.active("model")[1]["version"] == "1.1.0"
+    assert [state for _, state, _, _ in reports.items[before:]] == ["committed"]  # re-reported, not re-run
+
+
 def test_an_agent_killed_mid_install_rolls_back_on_restart_and_says_so(tmp_path, server):
     reports = Reports()
 
