@@ -16,6 +16,7 @@ Durable uplink and exactly-once storage
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -95,27 +96,35 @@ class Admission:
     Under a reconnect storm (a whole site's devices after a network outage) accepting every
     handshake means each waits behind all the others, past its agent's timeout, and the
     server then spends its time on agents that have already left. Instead, a few run at a
-    time (`AGENT_HANDSHAKE_CONCURRENCY`), up to `AGENT_HANDSHAKE_BACKLOG` wait in order,
+    time (`AGENT_HANDSHAKE_CONCURRENCY`), up to `AGENT_HANDSHAKE_BACKLOG` wait in order while
+    the queue moves (the longest waiting has waited less than half the handshake deadline),
     and the rest are shed at once with the contract's `4503` and a jittered `retry_after_ms`,
     which spreads their retries over the next seconds.
     """
 
-    def __init__(self, concurrency: int, backlog: int) -> None:
+    def __init__(self, concurrency: int, backlog: int, max_wait_s: float) -> None:
         self.slots = asyncio.Semaphore(concurrency)
         self.backlog = backlog
-        self.waiting = 0
+        self.max_wait_s = max_wait_s
+        self.queued: collections.deque[float] = collections.deque()  # when each waiting handshake arrived
         self.shed = 0
 
     def full(self) -> bool:
-        return self.slots.locked() and self.waiting >= self.backlog
+        """No room: the backlog is full, or the handshake waiting longest has waited more than
+        `max_wait_s` (a new one would wait as long, and its agent gives up at the deadline)."""
+        if not self.slots.locked():
+            return False
+        return len(self.queued) >= self.backlog or bool(
+            self.queued and time.monotonic() - self.queued[0] > self.max_wait_s)
 
     @contextlib.asynccontextmanager
     async def slot(self):
-        self.waiting += 1
+        arrived = time.monotonic()
+        self.queued.append(arrived)
         try:
             await self.slots.acquire()
         finally:
-            self.waiting -= 1
+            self.queued.remove(arrived)  # the oldest one, unless a waiter was cancelled
         try:
             yield
         finally:
@@ -129,7 +138,8 @@ def admission() -> Admission:
     """This event loop's admission control (one per process in production; tests may run several loops)."""
     loop = asyncio.get_running_loop()
     if loop not in _admission:
-        _admission[loop] = Admission(settings.AGENT_HANDSHAKE_CONCURRENCY, settings.AGENT_HANDSHAKE_BACKLOG)
+        _admission[loop] = Admission(settings.AGENT_HANDSHAKE_CONCURRENCY, settings.AGENT_HANDSHAKE_BACKLOG,
+                                     max_wait_s=settings.AGENT_HANDSHAKE_TIMEOUT_S / 2)
     return _admission[loop]
 
 

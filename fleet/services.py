@@ -214,9 +214,13 @@ def device_release(*, actor: Any, device: Device, reason: str = "") -> Device:
 
 @transaction.atomic
 def device_decommission(*, actor: Any, device: Device, reason: str = "") -> Device:
-    return _transition(actor=actor, device=device, to=DeviceStatus.DECOMMISSIONED,
-                       allowed_from=[DeviceStatus.PENDING, DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED],
-                       action="device.decommission", reason=reason)
+    device = _transition(actor=actor, device=device, to=DeviceStatus.DECOMMISSIONED,
+                         allowed_from=[DeviceStatus.PENDING, DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED],
+                         action="device.decommission", reason=reason)
+    from rollouts.services import executions_decommission  # see device_quarantine
+
+    executions_decommission(actor=actor, device=device, reason=reason or "decommissioned")
+    return device
 
 
 @transaction.atomic

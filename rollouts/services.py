@@ -890,8 +890,9 @@ OUTSTANDING = (S.PENDING, *LIVE)
 _QUARANTINE_SQL = """
     UPDATE rollouts_execution e SET state = 'canceled', hold = '', deadline_at = NULL, next_attempt_at = NULL,
         finished_at = %(now)s, updated_at = %(now)s,
-        error = jsonb_build_object('code', 'quarantined', 'retryable', false,
-                                   'detail', 'the device was quarantined while ' || old.state || ': ' || %(reason)s)
+        error = jsonb_build_object('code', %(code)s::text, 'retryable', false,
+                                   'detail', 'the device was ' || %(code)s::text || ' while ' || old.state || ': '
+                                             || %(reason)s)
     FROM (SELECT id, state FROM rollouts_execution WHERE device_id = %(device)s AND state = ANY(%(states)s)
           ORDER BY id FOR UPDATE) old
     WHERE e.id = old.id
@@ -899,10 +900,22 @@ _QUARANTINE_SQL = """
 """
 
 
-@transaction.atomic
 def executions_quarantine(*, actor: Any, device: Device, reason: str) -> int:
     """The device was quarantined (called by `fleet.services.device_quarantine`, in its
-    transaction): every outstanding execution of it ends as `canceled` with code `quarantined`,
+    transaction): see `executions_cancel_for_device`. A release re-queues these (`executions_release`)."""
+    return executions_cancel_for_device(actor=actor, device=device, reason=reason, code=QUARANTINED)
+
+
+def executions_decommission(*, actor: Any, device: Device, reason: str) -> int:
+    """The device was decommissioned (called by `fleet.services.device_decommission`): its
+    outstanding executions end now, rather than as `timed_out` failures that would count against
+    their wave's failure gate."""
+    return executions_cancel_for_device(actor=actor, device=device, reason=reason, code="decommissioned")
+
+
+@transaction.atomic
+def executions_cancel_for_device(*, actor: Any, device: Device, reason: str, code: str) -> int:
+    """Every outstanding execution of the device ends as `canceled` with error `code`,
     whatever its phase, so nothing is offered or retried and it blocks no wave.
 
     Offered, acked, downloading and downloaded ones are also sent `rollout.cancel` after
@@ -913,14 +926,14 @@ def executions_quarantine(*, actor: Any, device: Device, reason: str) -> int:
     now = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(_QUARANTINE_SQL, {"now": now, "reason": reason[:400], "device": device.pk,
-                                         "states": list(OUTSTANDING)})
+                                         "states": list(OUTSTANDING), "code": code})
         rows = cursor.fetchall()
     by_campaign: dict[int, dict[str, str]] = {}
     for execution_id, campaign_id, old_state, _ in rows:
         by_campaign.setdefault(campaign_id, {})[str(execution_id)] = old_state
     for campaign in Campaign.objects.filter(id__in=list(by_campaign)).order_by("id"):
         audit.record(actor=actor, action="execution.cancel", target=campaign,
-                     data={"reason": reason, "code": QUARANTINED, "device": device.uid,
+                     data={"reason": reason, "code": code, "device": device.uid,
                            "executions": by_campaign[campaign.id]})
     notify = [(execution_id, device.pk) for execution_id, _, old_state, delivered in rows
               if delivered and old_state in REOFFER]

@@ -184,3 +184,20 @@ def test_a_release_never_queues_an_older_version_next_to_a_newer_one():
     assert superseded.state == S.SUPERSEDED and superseded.error["detail"] == f"superseded by campaign {new.id} (1.2.0)"
     tick()
     assert [e.campaign_id for e in Execution.objects.filter(device=device, state=S.OFFERED)] == [new.id]
+
+
+def test_decommission_ends_outstanding_executions_so_they_never_time_out_as_failures():
+    queued, installing = make_fleet(2)
+    campaign = make_campaign(make_artifact(), rate_per_min=60_000)
+    tick()
+    Execution.objects.filter(campaign=campaign, device=queued).update(state=S.PENDING, delivered_at=None, offered_at=None)
+    report(execution_of(campaign, installing), "installing")
+    for device in (queued, installing):
+        fleet_services.device_decommission(actor="test", device=Device.objects.get(pk=device.pk), reason="scrapped")
+    rows = list(Execution.objects.filter(campaign=campaign))
+    assert {e.state for e in rows} == {S.CANCELED}
+    assert {e.error["code"] for e in rows} == {"decommissioned"}
+    assert all(e.deadline_at is None for e in rows)  # nothing left for a timeout to fail
+    assert execution_of(campaign, installing).error["detail"] == "the device was decommissioned while installing: scrapped"
+    entry = AuditEntry.objects.filter(action="execution.cancel").latest("id")
+    assert entry.data["code"] == "decommissioned" and entry.data["reason"] == "scrapped"
