@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
 
+from benchmarks import pct  # after the path set-up above
+
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("cpu.temp_c", "inference.latency_ms", "inference.score", "net.rx_kbps", "power.w")
 
@@ -47,8 +49,21 @@ async def client_main(url: str, first: int, count: int, rate: float, batch: int,
     period = batch / rate
     stats = {"welcomed": 0, "failed": 0, "closed": 0, "frames": 0, "deferred": 0, "acked_points": 0,
              "errors": []}
+    # Why connections ended: "<close code> <error code of the server's last error frame>" -> count.
+    closes: dict[str, int] = {}
+    # Per-second timeline of the whole run (second since measure_from -> counters and latencies),
+    # so a latency climb or a wave of closes can be placed in time (ramp, warm-up, measuring).
+    timeline: dict[int, dict] = {}
+    lags: list[float] = []  # how late this process's send loop woke up (client-side saturation)
     latencies: list[float] = []
     stop_at = measure_to + 2
+
+    def second(at: float) -> dict:
+        key = int(at - measure_from) if at >= measure_from else -int(measure_from - at) - 1
+        slot = timeline.get(key)
+        if slot is None:
+            slot = timeline[key] = {"sent": 0, "acked": 0, "closed": 0, "lat": []}
+        return slot
 
     async def one(i: int) -> None:
         try:
@@ -65,24 +80,38 @@ async def client_main(url: str, first: int, count: int, rate: float, batch: int,
         stats["welcomed"] += 1
         seq = welcome["last_acked_seq"]
         sent: dict[int, float] = {}
+        last_error = [""]
 
         async def reader() -> None:
             async for raw in ws:
                 frame = json.loads(raw)
                 if frame.get("type") != "ack":
+                    if frame.get("type") == "error":
+                        last_error[0] = str(frame.get("code"))
                     continue
                 started = sent.pop(frame["seq"], None)
                 now = time.time()
-                if started is not None and measure_from <= now <= measure_to:
-                    latencies.append(now - started)
-                    stats["acked_points"] += frame["accepted"]
+                if started is not None:
+                    slot = second(now)
+                    slot["acked"] += 1
+                    slot["lat"].append(now - started)
+                    if measure_from <= now <= measure_to:
+                        latencies.append(now - started)
+                        stats["acked_points"] += frame["accepted"]
 
         reading = asyncio.create_task(reader())
         next_at = time.time() + random.uniform(0, period)
         value = random.random()
         try:
-            while time.time() < stop_at:
+            while time.time() < stop_at and not reading.done():
+                if next_at >= stop_at:
+                    # Done sending: wait (a little) for the acks of what is in flight, then leave.
+                    wait_until = time.time() + 2
+                    while sent and time.time() < wait_until and not reading.done():
+                        await asyncio.sleep(0.05)
+                    break
                 await asyncio.sleep(max(0.0, next_at - time.time()))
+                lags.append(time.time() - next_at)
                 next_at += period
                 if len(sent) >= inflight:
                     stats["deferred"] += 1
@@ -90,12 +119,21 @@ async def client_main(url: str, first: int, count: int, rate: float, batch: int,
                 seq += 1
                 t0 = int(time.time() * 1000) - batch
                 points = [[t0 + k, METRICS[k % 5], value + k] for k in range(batch)]
-                sent[seq] = time.time()
+                sent[seq] = now = time.time()
                 await ws.send(json.dumps({"type": "telemetry", "seq": seq, "points": points}, separators=(",", ":")))
                 stats["frames"] += 1
+                second(now)["sent"] += 1
         except websockets.ConnectionClosed:
-            stats["closed"] += 1
+            pass
         finally:
+            if reading.done() or ws.close_code is not None:
+                # The server ended the connection before the run did.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(reading, 1)
+                stats["closed"] += 1
+                key = f"{ws.close_code} {last_error[0] or '-'}"
+                closes[key] = closes.get(key, 0) + 1
+                second(time.time())["closed"] += 1
             reading.cancel()
             with contextlib.suppress(Exception):
                 await ws.close()
@@ -106,17 +144,39 @@ async def client_main(url: str, first: int, count: int, rate: float, batch: int,
         await asyncio.sleep(ramp_s / count)
     await asyncio.gather(*tasks, return_exceptions=True)
     stats["errors"] = stats["errors"][:5]
-    print(json.dumps({"final": stats, "latencies": latencies, "cpu_s": cpu_seconds()}), flush=True)
+    lags.sort()
+    print(json.dumps({"final": stats, "latencies": latencies, "closes": closes, "timeline": timeline,
+                      "lag_p99": pct(lags, 0.99) if lags else 0.0, "cpu_s": cpu_seconds()}), flush=True)
+
+
+def merge_timelines(finals: list[dict]) -> list[dict]:
+    """The client processes' per-second timelines summed: one row per second of the run."""
+    merged: dict[int, dict] = {}
+    for final in finals:
+        for key, slot in final.get("timeline", {}).items():
+            into = merged.setdefault(int(key), {"sent": 0, "acked": 0, "closed": 0, "lat": []})
+            for name in ("sent", "acked", "closed"):
+                into[name] += slot[name]
+            into["lat"].extend(slot["lat"])
+    rows = []
+    for key in sorted(merged):
+        slot = merged[key]
+        lat = sorted(slot["lat"])
+        rows.append({"s": key, "sent": slot["sent"], "acked": slot["acked"], "closed": slot["closed"],
+                     "p50_ms": round(1000 * pct(lat, 0.5)) if lat else None,
+                     "p99_ms": round(1000 * pct(lat, 0.99)) if lat else None})
+    return rows
 
 
 # --- benchmark ----------------------------------------------------------------------------------
 
 
 def run(*, devices: int = 1000, rate: float = 100, batch: int = 500, clients: int = 2, inflight: int = 4,
-        seconds: float = 60, warmup: float = 15, ramp: float | None = None, copy_rows: int | None = None) -> dict:
+        seconds: float = 60, warmup: float = 15, ramp: float | None = None, copy_rows: int | None = None,
+        show_timeline: bool = False, nice: int = 0) -> dict:
     from django.db import connection
 
-    from benchmarks import cpu_delta, cpu_of_pids, pct, postgres_backend_pids, result, row, scratch_database
+    from benchmarks import cpu_delta, cpu_of_pids, postgres_backend_pids, result, row, scratch_database
     from benchmarks.connections import _die_with_parent, _raise_nofile, provision
     from benchmarks.ingest import raw_copy
     from fleet.models import Device
@@ -144,7 +204,7 @@ def run(*, devices: int = 1000, rate: float = 100, batch: int = 500, clients: in
                      "--first", str(first), "--count", str(min(share, devices - first)), "--rate", str(rate),
                      "--batch", str(batch), "--inflight", str(inflight), "--ramp", str(ramp),
                      "--measure-from", str(measure_from), "--measure-to", str(measure_to)],
-                    cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent))
+                    cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=lambda: (_die_with_parent(), os.nice(nice))))
             time.sleep(max(0.0, measure_from - time.time()))
             database = settings_dict["NAME"]
             pg_pids = postgres_backend_pids(database)
@@ -178,6 +238,16 @@ def run(*, devices: int = 1000, rate: float = 100, batch: int = 500, clients: in
     copy_rate = rows / packed_s
     p50, p99 = (pct(latencies, 0.50) * 1000, pct(latencies, 0.99) * 1000) if latencies else (float("nan"),) * 2
     clients_cpu = sum(f["cpu_s"] for f in finals)
+    closes: dict[str, int] = {}
+    for f in finals:
+        for key, n in f.get("closes", {}).items():
+            closes[key] = closes.get(key, 0) + n
+    timeline = merge_timelines(finals)
+    if show_timeline:
+        print("[ingest_lean] timeline (s from the measured window's start; frames sent/acked/closed, ack p50/p99 ms):")
+        for r in timeline:
+            print(f"  {r['s']:>5}  sent {r['sent']:>5}  acked {r['acked']:>5}  closed {r['closed']:>4}  "
+                  f"p50 {r['p50_ms']!s:>6}  p99 {r['p99_ms']!s:>6}")
     return result("ingest (lean clients)", [
         row("devices connected", stats["welcomed"], "", f"{devices:,}", stats["welcomed"] == devices),
         row("points/s committed and acked", acked_rate, "points/s", "≥ 100,000/s", acked_rate >= 100_000),
@@ -189,7 +259,9 @@ def run(*, devices: int = 1000, rate: float = 100, batch: int = 500, clients: in
         row("acked ingest / raw COPY", acked_rate / copy_rate, "×"),
     ], devices=devices, rate=rate, batch=batch, offered=offered, inflight=inflight, clients=clients,
         frames_sent=stats["frames"], frames_deferred_by_backpressure=stats["deferred"], closed=stats["closed"],
-        failed=stats["failed"], acked_frames_in_window=len(latencies), clients_cpu_s_whole_run=round(clients_cpu, 1),
+        failed=stats["failed"], close_codes=closes, acked_frames_in_window=len(latencies),
+        client_send_lag_p99_ms=round(1000 * max((f.get("lag_p99", 0.0) for f in finals), default=0.0)),
+        clients_cpu_s_whole_run=round(clients_cpu, 1),
         copy_rows=rows, errors=[e for f in finals for e in f["final"]["errors"]][:3])
 
 
@@ -203,6 +275,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60, help="measured window")
     parser.add_argument("--warmup", type=float, default=15, help="seconds after the ramp before measuring")
     parser.add_argument("--ramp", type=float, default=None)
+    parser.add_argument("--nice", type=int, default=0, help="niceness of the client processes (shared machines)")
+    parser.add_argument("--timeline", action="store_true", help="print frames sent/acked/closed and ack latency per second")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -221,7 +295,8 @@ def main() -> None:
 
     setup_django()
     print_results([run(devices=args.devices, rate=args.rate, batch=args.batch, clients=args.clients,
-                       inflight=args.inflight, seconds=args.seconds, warmup=args.warmup, ramp=args.ramp)])
+                       inflight=args.inflight, seconds=args.seconds, warmup=args.warmup, ramp=args.ramp,
+                       show_timeline=args.timeline, nice=args.nice)])
 
 
 if __name__ == "__main__":

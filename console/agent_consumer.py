@@ -64,8 +64,9 @@ def db(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     once, handshakes serialised on one thread back up past the 10 s handshake limit. Each
     call is self-contained (its own transaction), and one connection awaits its calls in
     order, so per-device ordering holds. Unlike Channels' `database_sync_to_async` there is
-    no connection health check (`SELECT 1`) before every call — that was one round trip in
-    four on the handshake path; see `_recycle_connections`.
+    no extra connection health check (`SELECT 1`) before every call — that was one round trip
+    in four on the handshake path; see `_recycle_connections`. (With a connection pool,
+    `DB_POOL_MAX_SIZE`, each call borrows a pooled connection, checked by the pool.)
     """
     def call(*args: Any, **kwargs: Any) -> Any:
         try:

@@ -67,6 +67,7 @@ class ConsoleServer:
             **os.environ,
             "DATABASE_URL": database_url_for(settings_dict),
             "DB_CONN_MAX_AGE": "0",
+            "DB_POOL_MAX_SIZE": "20",  # as scripts/run.sh runs the web server
             **(extra_env or {}),
         }
         name = f"test-server-{self.port}" + (f"-fd-{uuid.uuid4().hex[:8]}" if sock is not None else "")

@@ -80,6 +80,19 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# A connection pool (psycopg_pool through Django's `pool` option) for the web server process.
+# Under ASGI every HTTP request runs its sync code on a fresh thread, so persistent connections
+# (DB_CONN_MAX_AGE) are not reused: each API call, dashboard page or artifact download opened a
+# new PostgreSQL connection (a backend fork and SCRAM authentication). With DB_POOL_MAX_SIZE > 0
+# threads borrow pooled connections instead (Django then requires CONN_MAX_AGE = 0). Set it for
+# uvicorn processes (scripts/run.sh does); Celery workers fork and keep persistent connections.
+DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 0, minimum=0)
+if DB_POOL_MAX_SIZE:
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": min(2, DB_POOL_MAX_SIZE), "max_size": DB_POOL_MAX_SIZE,
+        "timeout": env_float("DB_POOL_TIMEOUT_S", 5, minimum=0.1),
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_url("REDIS_URL", schemes=("redis", "rediss"))
