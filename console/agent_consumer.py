@@ -260,7 +260,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.nonce = os.urandom(32)
         self.committed = 0
         self.submitted = 0
-        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self.queue: asyncio.Queue[Pending] | None = None  # with the acker, made by the first durable frame
         self.deferred_pending = 0
         self.acker: asyncio.Task | None = None
         self.tokens = float(settings.AGENT_RATE_BURST)
@@ -410,7 +410,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # One trip to the database (one transaction) for everything a new session needs.
         start = await db(open_session)(device_id=session.device_id, session=self.conn_id)
         self.status = start.status
-        self.acker = asyncio.get_running_loop().create_task(self._ack_loop())
         await self._send_welcome(start.keys)
         await self._send_commands(start.commands)
         if start.challenge is not None:
@@ -547,6 +546,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.submitted = seq
         if item.run is not None:
             self.deferred_pending += 1
+        if self.acker is None:
+            # Made on first use: most connections carry heartbeats for long stretches, and a
+            # queue and a task per idle connection are memory times 10,000.
+            self.queue = asyncio.Queue()
+            self.acker = asyncio.get_running_loop().create_task(self._ack_loop())
         self.queue.put_nowait(item)
 
     def _retention_ms(self) -> int:
