@@ -58,8 +58,11 @@ def sync_roles() -> None:
 
 
 def sync_roles_after_migrate(sender: Any, **kwargs: Any) -> None:
-    # post_migrate fires once per app; syncing once, after the last app, is enough.
-    if getattr(sender, "name", None) == "security":
+    # post_migrate fires once per app, in INSTALLED_APPS order, and each app's permissions are
+    # created on its own signal: syncing only on "security"'s left a fresh database's roles without
+    # the permissions of the apps after it (telemetry, rollouts, frontend). Sync on each console
+    # app's signal (idempotent, a few queries); the last one sees every permission.
+    if getattr(sender, "name", None) in CONSOLE_APPS:
         sync_roles()
 
 
