@@ -239,12 +239,19 @@ FLEET_GROUPINGS = {
 }
 
 
+FLEET_HOURLY_OVER = dt.timedelta(hours=6)
+
+
 def fleet_aggregate(*, metric_id: int, by: str, start: dt.datetime, end: dt.datetime, agg: str = "avg",
                     device_ids: list[int] | None = None) -> list[dict[str, Any]]:
     """One value per site, tier or group over [start, end), from rollups only (1 h rollups for
-    ranges over two days). Optionally restricted to some devices.
+    ranges over FLEET_HOURLY_OVER, i.e. whole hours from the first hour that starts at or after
+    `start`). Optionally restricted to some devices.
 
-    Over two days for the whole fleet (no `device_ids`) on the plain backend, the answer comes from
+    The 1-minute rollups hold devices × minutes rows: the default 24 h for 10,000 devices is
+    14.4M rows, 30-40 s at 50M raw rows, where the hourly ones take well under a second.
+
+    Over FLEET_HOURLY_OVER for the whole fleet (no `device_ids`) on the plain backend, the answer comes from
     the fleet-level hourly rollup (`rollups.FLEET_TABLE`, a few rows per hour and key, whatever
     the number of devices); there `devices` is the most devices that reported in any one hour of
     the range (distinct devices over the whole range are not kept). Otherwise from the per-device
@@ -257,7 +264,7 @@ def fleet_aggregate(*, metric_id: int, by: str, start: dt.datetime, end: dt.date
         raise InvalidInput("end must be after start")
     if end - start > dt.timedelta(days=conf.get("FLEET_MAX_SPAN_DAYS")):
         raise InvalidInput(f"fleet aggregates cover at most {conf.get('FLEET_MAX_SPAN_DAYS')} days")
-    table = "telemetry_rollup_1h" if end - start > dt.timedelta(days=2) else "telemetry_rollup_1m"
+    table = "telemetry_rollup_1h" if end - start > FLEET_HOURLY_OVER else "telemetry_rollup_1m"
     if table == "telemetry_rollup_1h" and device_ids is None and _fleet_rollup_covers(start):
         return _fleet_rollup_aggregate(metric_id=metric_id, by=by, start=start, end=end, agg=agg)
     key, joins = FLEET_GROUPINGS[by]

@@ -99,3 +99,16 @@ def test_late_points_and_a_selection_of_devices_are_served_correctly(week):
     rows = selectors.fleet_aggregate(metric_id=metric_id, by="site", start=start, end=end, agg="count",
                                      device_ids=picked)
     assert [(r["key"], r["devices"]) for r in rows] == [("north", 2)]
+
+
+def test_a_day_long_fleet_aggregate_reads_hourly_rollups_and_a_short_one_reads_minutes(week):
+    now, _, metric_id = week
+    day_start = now - dt.timedelta(days=1)
+    with CaptureQueriesContext(connection) as queries:
+        got = selectors.fleet_aggregate(metric_id=metric_id, by="site", start=day_start, end=now, agg="max")
+    assert any(rollups.FLEET_TABLE in q["sql"] for q in queries)
+    assert not any("telemetry_rollup_1m" in q["sql"] for q in queries)  # never devices × minutes rows
+    assert same(got, per_device(metric_id, "site", "max", day_start, now))
+    with CaptureQueriesContext(connection) as queries:
+        selectors.fleet_aggregate(metric_id=metric_id, by="site", start=now - dt.timedelta(hours=5), end=now)
+    assert any("telemetry_rollup_1m" in q["sql"] for q in queries)
