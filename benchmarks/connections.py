@@ -256,11 +256,12 @@ def run(*, connections: int = 10_000, clients: int = 4, hold: float = 60.0, hear
             for n in share:
                 ranges.append((first, n))
                 first += n
-            t0 = time.monotonic()
+            t0, ramp_cpu0 = time.monotonic(), cpu_seconds(pid)
             batch = _start_clients(server.ws_url, ranges, heartbeat, ramp)
             started += batch
             ready, failed = _wait_ready(batch, ramp + 320)
             connect_s = time.monotonic() - t0
+            ramp_cpu = cpu_seconds(pid) - ramp_cpu0
             held = warm_ok + ready
             time.sleep(3)  # let the server settle after the ramp
             cpu0, w0 = cpu_seconds(pid), time.monotonic()
@@ -298,6 +299,9 @@ def run(*, connections: int = 10_000, clients: int = 4, hold: float = 60.0, hear
         row("server CPU while holding", cpu_pct, "% of a core", "< 10 %", cpu_pct < 10),
         row("connect ramp", connect_s, "s"),
         row("handshakes completed per second during the ramp", ready / connect_s, "/s"),
+        row("server CPU during the ramp per completed handshake (sheds and retries included)",
+            1000 * ramp_cpu / max(1, ready), "ms"),
+        row("server CPU during the ramp", 100 * ramp_cpu / connect_s, "% of a core"),
     ], connections=connections, clients=clients, hold_s=hold, heartbeat_s=heartbeat, ramp_s=ramp,
         failed=failed, shed_with_4503_and_retried=shed, retried_after_other_failures=retries,
         closed_during_hold=closed, heartbeats_sent=heartbeats, errors=errors,

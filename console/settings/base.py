@@ -102,10 +102,13 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", 
 # layer's blocking-pop timeout; both crash consumers under load (see DESIGN.md pitfalls).
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "console.channel_layer.BatchingRedisChannelLayer",
         "CONFIG": {
             "hosts": [{"address": REDIS_URL, "max_connections": 2000, "socket_timeout": 30}],
-            "capacity": 500,
+            # All connections of a server process share one Redis queue (channels_redis's
+            # process channel): a rollout step pushes up to ROLLOUTS_OFFER_BATCH (500) offers
+            # at once, plus commands and status doorbells, so 500 would refuse part of a burst.
+            "capacity": 5000,
             "expiry": 30,
         },
     }
