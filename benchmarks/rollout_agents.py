@@ -107,9 +107,11 @@ async def agents_main(url: str, first: int, count: int, fails_path: str, step_s:
     import websockets
 
     from agent_stub import protocol as p
+    from agent_stub.client import PING_INTERVAL_S, PING_TIMEOUT_S
     from benchmarks.connections import authenticate
 
     loop = asyncio.get_running_loop()
+    started = loop.time()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -127,23 +129,33 @@ async def agents_main(url: str, first: int, count: int, fails_path: str, step_s:
             stats["errors"].append(str(exc)[:200] if isinstance(exc, str) else repr(exc)[:200])
 
     async def connect(i: int):
-        """An authenticated socket and its `welcome`, retrying like an agent (backoff with jitter)."""
-        for attempt in range(6):
-            ws = None
+        """An authenticated socket and its `welcome`, retrying like an agent: after a 4503
+        `overloaded` its `retry_after_ms`, after anything else a backoff with jitter; it gives
+        up `ramp_s + 300` s after the client started."""
+        backoff = 1.0
+        while True:
+            ws = welcome = None
             try:
-                ws = await websockets.connect(url, compression=None, open_timeout=60, close_timeout=2)
+                ws = await websockets.connect(url, compression=None, open_timeout=60, close_timeout=2,
+                                              ping_interval=PING_INTERVAL_S, ping_timeout=PING_TIMEOUT_S)
                 welcome = await authenticate(ws, i, timeout=60)
                 if welcome.get("type") == "welcome":
                     return ws, welcome
-                note(f"handshake answer: {welcome}")
+                if welcome.get("code") != "overloaded":
+                    note(f"handshake answer: {welcome}")
             except Exception as exc:  # noqa: BLE001 -- counted, reported and retried
                 note(exc)
             if ws is not None:
                 with contextlib.suppress(Exception):
                     await ws.close()
             stats["handshake_retries"] += 1
-            await asyncio.sleep(random.uniform(1, min(10, 2 ** (attempt + 1))))
-        return None, None
+            if welcome and welcome.get("code") == "overloaded":
+                delay = welcome.get("retry_after_ms", 1000) / 1000
+            else:
+                delay, backoff = random.uniform(backoff / 2, backoff), min(backoff * 2, 30.0)
+            if loop.time() + delay - started > ramp_s + 300:
+                return None, None
+            await asyncio.sleep(delay)
 
     async def one(i: int) -> None:
         ws, welcome = await connect(i)
@@ -242,7 +254,7 @@ async def agents_main(url: str, first: int, count: int, fails_path: str, step_s:
         tasks.append(asyncio.create_task(one(first + k)))
         if ramp_s > 0:
             await asyncio.sleep(ramp_s / count)
-    deadline = loop.time() + 120
+    deadline = started + ramp_s + 310  # connect() gives up at ramp_s + 300
     while stats["welcomed"] + stats["failed"] < count and loop.time() < deadline:
         await asyncio.sleep(0.2)
     print(json.dumps({"ready": stats["welcomed"], "failed": stats["failed"]}), flush=True)
@@ -448,7 +460,7 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
                      "--step", str(step), "--ramp", str(ramp)],
                     cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent))
                 first += n
-            ready, failed = _wait_ready(agents, ramp + 180)
+            ready, failed = _wait_ready(agents, ramp + 320)
             deadline = time.monotonic() + 60
             while Device.objects.filter(online=True).count() < ready and time.monotonic() < deadline:
                 time.sleep(0.5)
