@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 
 import websockets
@@ -82,6 +83,26 @@ class RawAgent:
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
+
+
+async def enroll_active(url: str, uid: str, token: str, *, model: str = "test-box") -> RawAgent:
+    """A new device enrolled with an auto-approving token: its connection, welcomed `active`."""
+    agent = RawAgent(url, uid)
+    welcome = await agent.enroll(token, hardware={"model": model, "ram_mb": 8192, "cpu_cores": 4})
+    assert welcome["status"] == "active", welcome
+    return agent
+
+
+async def frames_for(agent: RawAgent, seconds: float) -> list[dict]:
+    """Everything the server sends this agent during `seconds`."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            seen.append(await agent.recv(timeout=left))
+        except TimeoutError:
+            break
+    return seen
 
 
 async def in_db(fn, *args, **kwargs):

@@ -26,7 +26,7 @@ from rollouts import orchestrator
 from rollouts import services as rollouts
 from rollouts.models import Campaign, Execution
 from security.models import AttestationChallenge, AttestationResult
-from tests.agent.rawagent import RawAgent, in_db, run
+from tests.agent.rawagent import RawAgent, enroll_active, frames_for, in_db, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,23 +39,8 @@ def server(ota_server):
     return ota_server
 
 
-async def connect(url: str, uid: str, token: str, label: str = "iso") -> RawAgent:
-    agent = RawAgent(url, uid)
-    welcome = await agent.enroll(token, hardware={"model": "iso-box", "ram_mb": 8192, "cpu_cores": 4})
-    assert welcome["status"] == "active", welcome
-    return agent
-
-
-async def frames_for(agent: RawAgent, seconds: float) -> list[dict]:
-    """Everything the server sends this agent during `seconds`."""
-    seen: list[dict] = []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            seen.append(await agent.recv(timeout=left))
-        except TimeoutError:
-            break
-    return seen
+async def connect(url: str, uid: str, token: str) -> RawAgent:
+    return await enroll_active(url, uid, token, model="iso-box")
 
 
 def fetch(url: str) -> tuple[int, bytes, str]:

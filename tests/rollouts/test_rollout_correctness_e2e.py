@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.error
 import urllib.request
 
@@ -26,7 +25,7 @@ from rollouts import orchestrator
 from rollouts import services as rollouts
 from rollouts.models import Campaign, Execution
 from security.models import AuditEntry
-from tests.agent.rawagent import RawAgent, in_db, run
+from tests.agent.rawagent import RawAgent, enroll_active, frames_for, in_db, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,22 +35,7 @@ INSTALL = ("acked", "downloading", "downloaded", "installing", "verifying", "com
 
 
 async def connect(url: str, uid: str, token: str) -> RawAgent:
-    agent = RawAgent(url, uid)
-    welcome = await agent.enroll(token, hardware={"model": "rc-box", "ram_mb": 8192, "cpu_cores": 4})
-    assert welcome["status"] == "active", welcome
-    return agent
-
-
-async def frames_for(agent: RawAgent, seconds: float) -> list[dict]:
-    """Everything the server sends this agent during `seconds`."""
-    seen: list[dict] = []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            seen.append(await agent.recv(timeout=left))
-        except TimeoutError:
-            break
-    return seen
+    return await enroll_active(url, uid, token, model="rc-box")
 
 
 async def report(agent: RawAgent, seq: int, execution_id: object, state: str, progress: int = 0,

@@ -14,15 +14,8 @@ from telemetry import selectors
 from telemetry.models import Metric, RollupState
 from tests.factories import make_device
 
-pytestmark = pytest.mark.usefixtures("clean_rollups")
+pytestmark = pytest.mark.usefixtures("clean_series")
 
-
-@pytest.fixture
-def clean_rollups(transactional_db):
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE telemetry_point, telemetry_rollup_1m, telemetry_rollup_1h, telemetry_late, "
-                       "telemetry_rollup_fleet_1h")
 
 
 def test_a_24_hour_device_chart_reads_the_1_minute_rollups_with_an_index_only_scan():

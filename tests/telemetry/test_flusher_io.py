@@ -19,20 +19,13 @@ from tests.factories import make_device
 METRICS = ("cpu.temp_c", "inference.latency_ms", "inference.score", "net.rx_kbps", "power.w")
 
 
-@pytest.fixture
-def series(transactional_db):
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE telemetry_point, telemetry_rollup_1m, telemetry_rollup_1h, telemetry_late, "
-                       "telemetry_rollup_fleet_1h")
-
 
 def points(seq: int, n: int = 50) -> list[tuple[int, str, float]]:
     t0 = now_ms() - 10_000 + seq * n
     return [(t0 + i, METRICS[i % len(METRICS)], float(seq * 1000 + i)) for i in range(n)]
 
 
-@pytest.mark.usefixtures("series")
+@pytest.mark.usefixtures("clean_series")
 def test_a_flush_commits_while_the_serving_event_loop_is_blocked():
     device = make_device()
     kwargs = connection_kwargs(connection.settings_dict)
@@ -65,7 +58,7 @@ def test_a_flush_commits_while_the_serving_event_loop_is_blocked():
     assert seen_while_blocked == {"rows": 50, "cursor": 1}
 
 
-@pytest.mark.usefixtures("series")
+@pytest.mark.usefixtures("clean_series")
 def test_a_batch_of_many_devices_frames_is_stored_exactly_once_with_each_cursor():
     devices = [make_device() for _ in range(120)]
 
