@@ -105,6 +105,18 @@ async def frames_for(agent: RawAgent, seconds: float) -> list[dict]:
     return seen
 
 
+def fetch(url: str) -> tuple[int, bytes, str]:
+    """GET a URL (e.g. a download URL): (status, body, the error body's `code` if refused)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read(), ""
+    except urllib.error.HTTPError as exc:
+        return exc.code, b"", json.loads(exc.read() or b"{}").get("code", "")
+
+
 async def in_db(fn, *args, **kwargs):
     """Run ORM code from an async test; close the worker thread's connection afterwards so
     the test database can be dropped at the end of the session."""

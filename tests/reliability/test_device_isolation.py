@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 from django.core import signing as dj_signing
@@ -26,7 +24,7 @@ from rollouts import orchestrator
 from rollouts import services as rollouts
 from rollouts.models import Campaign, Execution
 from security.models import AttestationChallenge, AttestationResult
-from tests.agent.rawagent import RawAgent, enroll_active, frames_for, in_db, run
+from tests.agent.rawagent import RawAgent, enroll_active, fetch, frames_for, in_db, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -41,16 +39,6 @@ def server(ota_server):
 
 async def connect(url: str, uid: str, token: str) -> RawAgent:
     return await enroll_active(url, uid, token, model="iso-box")
-
-
-def fetch(url: str) -> tuple[int, bytes, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read(), ""
-    except urllib.error.HTTPError as exc:
-        import json
-
-        return exc.code, b"", json.loads(exc.read() or b"{}").get("code", "")
 
 
 def labelled(uids_labels: dict[str, str]) -> None:

@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.error
-import urllib.request
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -25,7 +23,7 @@ from rollouts import orchestrator
 from rollouts import services as rollouts
 from rollouts.models import Campaign, Execution
 from security.models import AuditEntry
-from tests.agent.rawagent import RawAgent, enroll_active, frames_for, in_db, run
+from tests.agent.rawagent import RawAgent, enroll_active, fetch, frames_for, in_db, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,16 +43,6 @@ async def report(agent: RawAgent, seq: int, execution_id: object, state: str, pr
     ack = await agent.recv_type("ack")
     assert ack["seq"] == seq, ack
     return ack
-
-
-def fetch(url: str) -> tuple[int, bytes, str]:
-    import json
-
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read(), ""
-    except urllib.error.HTTPError as exc:
-        return exc.code, b"", json.loads(exc.read() or b"{}").get("code", "")
 
 
 def campaign_for(uids: list[str]) -> Campaign:
