@@ -108,7 +108,6 @@ class Admission:
         self.backlog = backlog
         self.max_wait_s = max_wait_s
         self.queued: collections.deque[float] = collections.deque()  # when each waiting handshake arrived
-        self.shed = 0
 
     def full(self) -> bool:
         """No room: the backlog is full, or the handshake waiting longest has waited more than
@@ -355,7 +354,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def _admitted_handshake(self, frame: dict) -> None:
         gate = admission()
         if gate.full():
-            gate.shed += 1
             raise Closing(p.Close.OVERLOADED, p.error(
                 code="overloaded", message="too many devices connecting at once; retry later",
                 retry_after_ms=random.randint(1000, settings.AGENT_HANDSHAKE_RETRY_MS)))
@@ -693,7 +691,7 @@ def open_session(*, device_id: int, session: str) -> SessionStart:
     start.commands = fleet_services.commands_claim_for_delivery(device_id=device_id, allow=commands_allowed(status),
                                                                 include_unanswered=True)
     start.challenge = attestation.challenge_issue(device_id=device_id, reason="connect")
-    if status == DeviceStatus.ACTIVE and rollouts_selectors.offers_waiting(device_id=device_id):
+    if status == DeviceStatus.ACTIVE:
         # Offers the device missed while offline (or whose push was lost).
         start.offers = rollouts_services.pending_offers(device_id=device_id)
     return start

@@ -22,17 +22,6 @@ def artifact_public_keys() -> list[tuple[str, bytes]]:
         return [(key_id, bytes(public)) for key_id, public in cursor.fetchall()]
 
 
-def offers_waiting(*, device_id: int) -> bool:
-    """Whether `services.pending_offers` has anything for the device: a cheap check on every
-    connect, so the full read (with locks and fresh download URLs) runs only when it does."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT EXISTS (SELECT 1 FROM rollouts_execution e JOIN rollouts_campaign c ON c.id = e.campaign_id"
-            " WHERE e.device_id = %s AND e.state = ANY(%s) AND e.variant_id IS NOT NULL AND c.state <> %s)",
-            [device_id, list(services.REOFFER), Campaign.State.ABORTED])
-        return cursor.fetchone()[0]
-
-
 def verify_manifest(*, manifest: bytes, signature: bytes, key_id: str) -> bool:
     """Check a manifest's signature against the keyring (revoked keys never verify)."""
     from rollouts import signing

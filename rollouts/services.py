@@ -767,10 +767,18 @@ def push_offers(frames: list[tuple[int, dict]]) -> None:
 @transaction.atomic
 def pending_offers(*, device_id: int) -> list[dict]:
     """Offers a device should (re)receive on connect: its executions that are offered and not
-    yet installing, with fresh download URLs. First delivery starts the ack timeout."""
-    status = Device.objects.filter(pk=device_id).values_list("status", flat=True).first()
-    if status != DeviceStatus.ACTIVE:
-        return []
+    yet installing, with fresh download URLs. First delivery starts the ack timeout.
+
+    Every connect calls it and almost always finds nothing: one cheap raw statement (the
+    device is active and has such an execution) answers that case before the locking read."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM rollouts_execution e JOIN rollouts_campaign c ON c.id = e.campaign_id"
+            " JOIN fleet_device d ON d.id = e.device_id WHERE e.device_id = %s AND d.status = %s"
+            " AND e.state = ANY(%s) AND e.variant_id IS NOT NULL AND c.state <> %s)",
+            [device_id, DeviceStatus.ACTIVE, list(REOFFER), CS.ABORTED])
+        if not cursor.fetchone()[0]:
+            return []
     now = timezone.now()
     executions = list(
         Execution.objects.select_for_update(of=("self",))
@@ -887,7 +895,7 @@ def execution_report(*, device_id: int, report: p.RolloutStatus) -> None:
 QUARANTINED = "quarantined"  # error code of executions canceled because their device is quarantined
 OUTSTANDING = (S.PENDING, *LIVE)
 
-_QUARANTINE_SQL = """
+_CANCEL_FOR_DEVICE_SQL = """
     UPDATE rollouts_execution e SET state = 'canceled', hold = '', deadline_at = NULL, next_attempt_at = NULL,
         finished_at = %(now)s, updated_at = %(now)s,
         error = jsonb_build_object('code', %(code)s::text, 'retryable', false,
@@ -925,7 +933,7 @@ def executions_cancel_for_device(*, actor: Any, device: Device, reason: str, cod
     campaign touched. Returns the number of executions canceled."""
     now = timezone.now()
     with connection.cursor() as cursor:
-        cursor.execute(_QUARANTINE_SQL, {"now": now, "reason": reason[:400], "device": device.pk,
+        cursor.execute(_CANCEL_FOR_DEVICE_SQL, {"now": now, "reason": reason[:400], "device": device.pk,
                                          "states": list(OUTSTANDING), "code": code})
         rows = cursor.fetchall()
     by_campaign: dict[int, dict[str, str]] = {}
@@ -951,7 +959,7 @@ def executions_release(*, actor: Any, device: Device, reason: str = "") -> int:
     was quarantined for when the campaign started) are queued again, in the campaign's current
     wave at the earliest. Where two campaigns of the same artifact then queue it, the older
     version is superseded. Completed and aborted campaigns do not take it back. One audit entry
-    per campaign. Returns the number of executions queued again."""
+    per campaign. Returns the number of executions queued again (superseded ones included)."""
     now = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(
@@ -960,47 +968,24 @@ def executions_release(*, actor: Any, device: Device, reason: str = "") -> int:
                    wave = GREATEST(e.wave, c.current_wave), updated_at = %(now)s
                FROM rollouts_campaign c
                WHERE c.id = e.campaign_id AND c.state IN ('running', 'paused') AND e.device_id = %(device)s
-                 AND e.state = 'canceled' AND e.error ->> 'code' = 'quarantined'
+                 AND e.state = 'canceled' AND e.error ->> 'code' = %(code)s
                RETURNING e.id, e.campaign_id""",
-            {"now": now, "device": device.pk})
+            {"now": now, "device": device.pk, "code": QUARANTINED})
         rows = cursor.fetchall()
     if not rows:
         return 0
-    superseded = _supersede_for_device(device)
     requeued: dict[int, list[int]] = {}
     for execution_id, campaign_id in rows:
         requeued.setdefault(campaign_id, []).append(execution_id)
-    for campaign in Campaign.objects.filter(id__in=list(requeued)).order_by("id"):
+    for campaign in Campaign.objects.filter(id__in=list(requeued)).select_related("artifact").order_by("id"):
         audit.record(actor=actor, action="execution.requeue", target=campaign,
                      data={"reason": reason, "code": "released", "device": device.uid,
-                           "executions": requeued[campaign.id],
-                           "superseded": [e for e in superseded if e in requeued[campaign.id]]})
+                           "executions": requeued[campaign.id]})
+        if campaign.artifact_id is not None:  # as at campaign start: an older version next to a newer one is superseded
+            _supersede(campaign, actor)
         if campaign.state == CS.RUNNING:
             _kick_after_commit(campaign.id)
-    return len(rows) - len(set(superseded) & {execution_id for execution_id, _ in rows})
-
-
-def _supersede_for_device(device: Device) -> list[int]:
-    """Of the device's queued or live executions in running/paused campaigns, queued ones whose
-    version is older than another campaign's for the same artifact become `superseded` (as at
-    campaign start): a release must not install an old version after a newer one."""
-    rows = list(Execution.objects.filter(device=device, state__in=OUTSTANDING,
-                                         campaign__state__in=[CS.RUNNING, CS.PAUSED], campaign__artifact__isnull=False)
-                .values_list("id", "state", "campaign_id", "component", "campaign__artifact_name",
-                             "campaign__artifact__version"))
-    newest: dict[tuple[str, str], tuple[semver.Version, int]] = {}
-    for _, _, campaign_id, component, name, version in rows:
-        parsed = semver.Version.parse(version)
-        if (component, name) not in newest or parsed > newest[(component, name)][0]:
-            newest[(component, name)] = (parsed, campaign_id)
-    older = [(execution_id, newest[(component, name)]) for execution_id, state, _, component, name, version in rows
-             if state == S.PENDING and semver.Version.parse(version) < newest[(component, name)][0]]
-    for execution_id, (version, campaign_id) in older:
-        Execution.objects.filter(pk=execution_id, state=S.PENDING).update(
-            state=S.SUPERSEDED, hold="", finished_at=timezone.now(),
-            error={"code": "superseded", "retryable": False,
-                   "detail": f"superseded by campaign {campaign_id} ({version})"})
-    return [execution_id for execution_id, _ in older]
+    return len(rows)
 
 
 def _kick_after_commit(campaign_id: int) -> None:
