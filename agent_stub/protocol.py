@@ -33,7 +33,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import chain
 from typing import Any, TypedDict
+
+try:  # optional accelerator (the console installs it; an agent may not): see parse_frame
+    import orjson
+except ImportError:  # pragma: no cover - exercised on agents without it
+    orjson = None
 
 PROTOCOL_VERSION = 1
 
@@ -194,18 +200,52 @@ _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _SUSPECT_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
 
-def _walk_too_deep(obj: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    pop, push = stack.pop, stack.append
-    while stack:
-        node, depth = pop()
-        for value in node.values() if type(node) is dict else node:
-            tv = type(value)
-            if tv is list or tv is dict:
-                if depth >= limit:
-                    return True
-                push((value, depth + 1))
-    return False
+# An integer literal of 20 digits or more: orjson reads those as floats (losing digits), the
+# stdlib as ints, so text with a run of 20 digits is decoded by the stdlib. Found by mapping
+# every digit byte to "0" and everything else to " " (one C-level pass) and looking for 20 "0"s.
+_DIGIT_MAP = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_DIGIT_RUN = b"0" * 20
+
+
+def _decode(text: str) -> Any:
+    """JSON text to Python objects, with orjson when it is installed (4–5× faster on telemetry).
+
+    The stdlib decoder is the reference; orjson is used only where the two agree. Text
+    orjson refuses goes through the stdlib, so its outcome and message stand: ``1e400`` is
+    an infinite float that validation rejects point by point (orjson refuses the whole
+    text), NaN/Infinity literals, lone surrogates and bad syntax raise ValueError. Long
+    integers are kept exact (above).
+    """
+    if orjson is not None:
+        raw = text.encode("utf-8")  # valid here: parse_frame has checked the text
+        if _LONG_DIGIT_RUN not in raw.translate(_DIGIT_MAP):
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                pass
+    return _decoder.decode(text)
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` holds a list or dict nested deeper than ``limit`` (``obj`` is level 1).
+
+    Level by level, with the per-element work in C (``chain``, ``map(type)``, ``set``): a
+    telemetry frame's 500 point lists and their 1,500 scalars are never looped over in Python."""
+    level = [obj]
+    for _ in range(limit):
+        if set(map(type, level)) == _LIST_ONLY:
+            children = list(chain.from_iterable(level))
+        else:
+            children = list(chain.from_iterable(n.values() if type(n) is dict else n for n in level))
+        kinds = set(map(type, children))
+        if kinds.isdisjoint(_CONTAINERS):
+            return False
+        level = children if kinds <= _CONTAINERS else [c for c in children if type(c) is list or type(c) is dict]
+    return True
+
+
+_LIST_ONLY = {list}
+_CONTAINERS = frozenset((list, dict))
 
 
 def _bad_string(obj: Any) -> str | None:
@@ -261,7 +301,7 @@ def parse_frame(data: str | bytes, *, max_bytes: int | None = None) -> dict[str,
         else:
             raise _bad(f"frame must be text, got {type(data).__name__}")
         try:
-            obj = _decoder.decode(text)
+            obj = _decode(text)
         except RecursionError:
             raise _bad(f"frame nests deeper than {MAX_DEPTH} levels") from None
         except ValueError as exc:  # JSONDecodeError, NaN constants, over-long integers
@@ -272,7 +312,7 @@ def parse_frame(data: str | bytes, *, max_bytes: int | None = None) -> dict[str,
         if type(kind) is not str:
             raise _bad("field 'type' must be a string")
         # Counting brackets is C-speed; only frames that could be too deep get walked.
-        if text.count("[") + text.count("{") > MAX_DEPTH and _walk_too_deep(obj, MAX_DEPTH):
+        if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(obj, MAX_DEPTH):
             raise _bad(f"frame nests deeper than {MAX_DEPTH} levels")
         if _SUSPECT_ESCAPE.search(text) is not None:
             problem = _bad_string(obj)

@@ -69,6 +69,39 @@ def test_parse_frame_accepts_nesting_up_to_the_limit_and_paired_surrogates() -> 
     assert P.parse_frame('{"type":"x","v":"\\ud83d\\ude00"}')["v"] == "\U0001f600"
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and dicts, the obvious recursive way (the reference)."""
+    if type(value) is list:
+        return 1 + max(map(_depth, value), default=0)
+    if type(value) is dict:
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+nested = st.recursive(st.one_of(st.integers(), st.text(max_size=3), st.none()),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+                      max_leaves=60)
+
+
+@given(nested.filter(lambda v: type(v) in (list, dict)), st.integers(min_value=1, max_value=6))
+@settings(max_examples=400)
+def test_the_depth_check_agrees_with_a_recursive_count(value: Any, limit: int) -> None:
+    assert P._too_deep(value, limit) == (_depth(value) > limit)
+
+
+@pytest.mark.parametrize("text", [
+    '{"type":"x","v":123456789012345678901234567890}',  # beyond 64 bits: kept as an exact int
+    '{"type":"x","v":-98765432109876543210}',
+    '{"type":"x","v":18446744073709551615}',
+    '{"type":"x","v":[1e400,-1e400,1e-400,-0.0,0.1,5e-324]}',  # 1e400 is an infinite float, as in the stdlib
+    r'{"type":"x","v":"caf\u00e9 \ud83d\ude00","k":{"a":1,"a":2}}',
+])
+def test_the_fast_decoder_gives_what_the_stdlib_gives(text: str) -> None:
+    assert P.orjson is not None, "the console installs orjson (requirements.in)"
+    fast, reference = P._decode(text), json.loads(text)
+    assert repr(fast) == repr(reference)  # repr tells 1 from 1.0 and -0.0 from 0.0
+
+
 def test_parse_frame_enforces_max_bytes_as_too_large() -> None:
     with pytest.raises(P.ProtocolError) as exc:
         P.parse_frame('{"type":"x","v":"' + "a" * 100 + '"}', max_bytes=50)
@@ -329,3 +362,9 @@ def test_telemetry_rejects_per_point_and_never_crashes(points: list[Any]) -> Non
     assert len(result.points) + len(result.rejected) == len(points)
     assert all(math.isfinite(v) and type(t) is int for t, _, v in result.points)
     assert [r["index"] for r in result.rejected] == sorted(r["index"] for r in result.rejected)
+
+
+@given(json_values)
+def test_any_json_value_decodes_as_the_stdlib_decodes_it(value: Any) -> None:
+    text = json.dumps({"type": "x", "v": value})
+    assert repr(P._decode(text)) == repr(json.loads(text))
