@@ -555,14 +555,22 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return int(telemetry_conf.get("RAW_RETENTION_DAYS") * 86_400_000)
 
     async def _submit(self, seq: int, points: list) -> asyncio.Future:
+        """Hand the frame to the flusher; returns the future of its outcome. When the queue is
+        full this waits (TELEMETRY_QUEUE_WAIT_MS) for room without reading the socket, so the
+        device is slowed down by TCP; only then is it shed with 4503 (by the ack loop)."""
         from telemetry.ingest import Overloaded, get_flusher
 
-        flusher = get_flusher()
         try:
-            return asyncio.ensure_future(flusher.submit(device_id=self.session.device_id, seq=seq, points=points))
+            future = await get_flusher().enqueue(device_id=self.session.device_id, seq=seq, points=points,
+                                                 wait_s=telemetry_conf.get("QUEUE_WAIT_MS") / 1000)
+            # Shielded: if this connection goes away, the frame is still written, its outcome dropped.
+            return asyncio.shield(future)
         except Overloaded as exc:
-            raise Closing(p.Close.OVERLOADED, p.error(code="rate_limited", message="ingest queue full",
-                                                      retry_after_ms=exc.retry_after_ms)) from None
+            # The ack loop sheds the device when it reaches this frame: after the acks of the
+            # frames before it, which are stored.
+            refused = asyncio.get_running_loop().create_future()
+            refused.set_exception(exc)
+            return refused
 
     async def _submit_and_wait(self, seq: int, points: list) -> Any:
         return await (await self._submit(seq, points))

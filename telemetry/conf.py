@@ -22,6 +22,9 @@ DEFAULTS: dict[str, Any] = {
     "FLUSH_MAX_ROWS": 20_000,
     "FLUSH_INTERVAL_MS": 50,
     "QUEUE_MAX_ROWS": 200_000,
+    # A frame that does not fit waits this long for room (its connection is not read
+    # meanwhile), then the device is shed with 4503 `rate_limited`.
+    "QUEUE_WAIT_MS": 3000,
     # Flush transactions in flight at once per process (each on its own connection).
     "FLUSH_CONNECTIONS": 2,
     "FLUSH_TIMEOUT_S": 15.0,

@@ -41,6 +41,7 @@ most that interval, and the series' next point repairs it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import logging
@@ -182,6 +183,8 @@ class Flusher:
         self._pending_rows = 0
         self._queued_rows = 0  # pending + being flushed: what the queue bound counts
         self._first_at = 0.0
+        # Frames waiting for room in the queue (enqueue's wait_s), oldest first.
+        self._room_waiters: collections.deque[tuple[_Frame, asyncio.Future]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._full: asyncio.Event | None = None
         self._closing = False
@@ -207,11 +210,25 @@ class Flusher:
 
     # ------------------------------------------------------------------ public API
 
-    async def submit(self, *, device_id: int, seq: int, points: list[tuple[int, str, float]]) -> IngestResult:
+    async def submit(self, *, device_id: int, seq: int, points: list[tuple[int, str, float]],
+                     wait_s: float = 0.0) -> IngestResult:
         """Store one frame exactly once; returns after its transaction committed.
 
-        Raises Overloaded (nothing enqueued) when the queue is full, FlushFailed when the frame
-        could not be stored (nothing of it was committed)."""
+        Raises Overloaded (nothing enqueued) when the queue is full and stays full for `wait_s`,
+        FlushFailed when the frame could not be stored (nothing of it was committed)."""
+        future = await self.enqueue(device_id=device_id, seq=seq, points=points, wait_s=wait_s)
+        # Shielded: if the caller goes away, the frame is still written and its outcome dropped.
+        return await asyncio.shield(future)
+
+    async def enqueue(self, *, device_id: int, seq: int, points: list[tuple[int, str, float]],
+                      wait_s: float = 0.0) -> asyncio.Future:
+        """Put one frame in the queue and return the future of its outcome (an IngestResult,
+        or FlushFailed), resolved after its transaction.
+
+        When the frame does not fit (the queue is bounded in rows), it waits up to `wait_s`
+        for room, in arrival order behind frames already waiting; the consumer awaiting this
+        does not read its socket meanwhile, so the device is slowed by TCP instead of shed.
+        Past `wait_s` it raises Overloaded and nothing is enqueued."""
         loop = asyncio.get_running_loop()
         if self._closing or self._closed:
             raise FlushFailed("the ingest flusher is shutting down")
@@ -219,29 +236,56 @@ class Flusher:
             self._start(loop)
         elif self._loop is not loop:
             raise RuntimeError("a Flusher serves one event loop; use get_flusher() in each loop")
-        now = loop.time()
-        if now < self._down_until:
+        if loop.time() < self._down_until:
             raise FlushFailed(f"database unavailable ({self._last_error}); retry later")
-        n = len(points)
-        if self._queued_rows and self._queued_rows + n > self.max_queue_rows:
-            raise Overloaded(self._retry_after_ms())
         frame = _Frame(device_id=device_id, seq=seq, points=points, future=loop.create_future())
+        if not self._room_waiters and self._fits(len(points)):
+            self._admit(frame)
+            return frame.future
+        if wait_s <= 0:
+            raise Overloaded(self._retry_after_ms())
+        entry = (frame, loop.create_future())
+        self._room_waiters.append(entry)
+        try:
+            await asyncio.wait([entry[1]], timeout=wait_s)
+        finally:
+            if not entry[1].done():  # timed out, or the caller went away: leave the line
+                self._room_waiters.remove(entry)
+                entry[1].cancel()
+        if entry[1].cancelled():
+            raise Overloaded(self._retry_after_ms())
+        entry[1].result()  # FlushFailed if the flusher closed while the frame waited
+        return frame.future
+
+    def _fits(self, rows: int) -> bool:
+        return not self._queued_rows or self._queued_rows + rows <= self.max_queue_rows
+
+    def _admit(self, frame: _Frame) -> None:
+        n = len(frame.points)
         if not self._pending:
-            self._first_at = now
+            self._first_at = self._loop.time()
             self._wakeup.set()
         self._pending.append(frame)
         self._pending_rows += n
         self._queued_rows += n
         if self._pending_rows >= self.max_batch_rows:
             self._full.set()
-        # Shielded: if the caller goes away, the frame is still written and its outcome dropped.
-        return await asyncio.shield(frame.future)
+
+    def _admit_waiters(self) -> None:
+        """Room was made (a flush ended): frames waiting for it enter the queue, oldest first."""
+        while self._room_waiters and self._fits(len(self._room_waiters[0][0].points)):
+            frame, admitted = self._room_waiters.popleft()
+            self._admit(frame)
+            admitted.set_result(None)
 
     async def close(self) -> None:
         """Flush what is queued, then stop and close the connection."""
         if self._closed:
             return
         self._closing = True
+        while self._room_waiters:
+            _, admitted = self._room_waiters.popleft()
+            admitted.set_exception(FlushFailed("the ingest flusher is shutting down"))
         if self._task is not None:
             self._wakeup.set()
             self._full.set()
@@ -368,6 +412,7 @@ class Flusher:
                     frame.future.set_result(result)
         finally:
             self._queued_rows -= rows
+            self._admit_waiters()
             self.stats["busy_s"] = self.stats.get("busy_s", 0.0) + time.perf_counter() - started
             if not locked.done():
                 locked.set_result(None)

@@ -212,6 +212,60 @@ def test_submit_raises_overloaded_when_the_queue_is_full_and_enqueues_nothing():
     assert cursor_of(device.id) == 1
 
 
+def test_a_frame_that_does_not_fit_waits_for_room_in_arrival_order_and_is_stored():
+    device, other = make_device(), make_device()
+
+    async def main() -> tuple[list, list[str]]:
+        flusher = Flusher(flush_interval_ms=200, max_queue_rows=100)
+        admitted: list[str] = []
+
+        async def send(name: str, device_id: int, seq: int, rows: int) -> IngestResult:
+            future = await flusher.enqueue(device_id=device_id, seq=seq, points=frame_points(seq, rows), wait_s=5)
+            admitted.append(name)
+            return await future
+
+        first = asyncio.create_task(send("first", device.id, 1, 80))
+        await asyncio.sleep(0.01)
+        assert admitted == ["first"]
+        # Neither fits while the first is queued; they wait, and enter in the order they came.
+        second = asyncio.create_task(send("second", device.id, 2, 60))
+        await asyncio.sleep(0.01)
+        third = asyncio.create_task(send("third", other.id, 1, 10))
+        await asyncio.sleep(0.01)
+        assert admitted == ["first"] and flusher.queued_rows == 80
+        results = [await first, await second, await third]
+        await flusher.close()
+        return results, admitted
+
+    results, admitted = run(main())
+    assert [r.status for r in results] == ["stored", "stored", "stored"]
+    assert admitted == ["first", "second", "third"]
+    assert count_points(device.id) == 140 and count_points(other.id) == 10
+    assert cursor_of(device.id) == 2
+
+
+def test_a_frame_still_waiting_for_room_after_wait_s_is_refused_and_not_enqueued():
+    device = make_device()
+
+    async def main() -> tuple[float, list]:
+        flusher = Flusher(flush_interval_ms=1500, max_queue_rows=100)
+        first = asyncio.create_task(flusher.submit(device_id=device.id, seq=1, points=frame_points(1, 80)))
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Overloaded):
+            await flusher.enqueue(device_id=device.id, seq=2, points=frame_points(2, 30), wait_s=0.3)
+        waited = time.monotonic() - started
+        assert flusher.queued_rows == 80
+        done = [await first]
+        await flusher.close()
+        return waited, done
+
+    waited, done = run(main())
+    assert 0.25 <= waited < 1.4  # gave up after wait_s, well before the first flush made room
+    assert done[0].status == "stored"
+    assert count_points(device.id) == 80 and cursor_of(device.id) == 1
+
+
 def test_new_metrics_past_the_per_device_cap_are_rejected_point_by_point():
     device, other = make_device(), make_device()
     t = now_ms() - 1000

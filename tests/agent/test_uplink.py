@@ -162,14 +162,39 @@ def test_a_refused_state_frame_is_acked_as_rejected_so_the_agent_moves_on(consol
     assert UplinkCursor.objects.get(device__uid="up-5").last_acked_seq == 1
 
 
+def test_a_frame_that_does_not_fit_the_ingest_queue_waits_for_room_and_is_stored(transactional_db,
+                                                                                 enrollment_token):
+    from tests.harness import ConsoleServer
+
+    # The second frame does not fit until the first is flushed (after 1.5 s): it waits, the
+    # connection stays open, and both are acked in order.
+    server = ConsoleServer(connection.settings_dict, extra_env={
+        "TELEMETRY_QUEUE_MAX_ROWS": "5", "TELEMETRY_FLUSH_INTERVAL_MS": "1500", "TELEMETRY_QUEUE_WAIT_MS": "5000"}).start()
+    token = enrollment_token(auto_approve=True)
+    now = p.now_ms()
+    try:
+        async def scenario():
+            agent = await active_agent(server.ws_url, "patient-1", token)
+            await agent.telemetry(1, [[now + i, "m.x", float(i)] for i in range(20)])
+            await agent.telemetry(2, [[now + 100 + i, "m.x", float(i)] for i in range(20)])
+            return [await agent.recv_type("ack"), await agent.recv_type("ack")]
+
+        acks = run(scenario())
+    finally:
+        server.stop()
+    assert [(a["seq"], a["accepted"]) for a in acks] == [(1, 20), (2, 20)]
+    assert len(stored_points("patient-1")) == 40
+    assert UplinkCursor.objects.get(device__uid="patient-1").last_acked_seq == 2
+
+
 def test_a_full_ingest_queue_sheds_the_device_with_4503_after_acking_what_it_stored(transactional_db,
                                                                                       enrollment_token):
     from tests.harness import ConsoleServer
 
     # A tiny queue and a slow flush timer: the first frame waits in the queue, the second
-    # one does not fit.
+    # one does not fit, and no waiting for room.
     server = ConsoleServer(connection.settings_dict, extra_env={
-        "TELEMETRY_QUEUE_MAX_ROWS": "5", "TELEMETRY_FLUSH_INTERVAL_MS": "1500"}).start()
+        "TELEMETRY_QUEUE_MAX_ROWS": "5", "TELEMETRY_FLUSH_INTERVAL_MS": "1500", "TELEMETRY_QUEUE_WAIT_MS": "0"}).start()
     token = enrollment_token(auto_approve=True)
     now = p.now_ms()
     try:
