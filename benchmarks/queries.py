@@ -1,7 +1,16 @@
 """Query benchmark: dashboard and API reads over N telemetry rows (50M by default).
 
     .venv/bin/python -m benchmarks.queries [--rows 50000000] [--devices 10000] [--metrics 2] [--hours 24] [--runs 50]
-                                           [--workers 2]
+                                           [--workers 2] [--keep NAME | --reuse NAME]
+
+Re-measuring without reloading (a 50M load takes 11-15 min and ~9 GB):
+    .venv/bin/python -m benchmarks.queries --keep bench_queries_50m    # load into that database, measure, keep it
+    .venv/bin/python -m benchmarks.queries --reuse bench_queries_50m   # measure only (~1 min), after a sanity check
+--reuse applies any migration added since the load, checks device/catalog counts exactly and raw/rollup
+row counts by the planner's estimates against what --keep recorded (table bench_queries_meta), moves the
+catalog's latest times forward by the time since the load (as the flusher would keep them), and ends the
+charts where the loading run ended them (the raw data does not move). Drop the database when done:
+    psql "$DATABASE_URL" -c 'DROP DATABASE bench_queries_50m'
 
 1. A scratch database (DATABASE_URL's server) seeded with --devices devices over 50 sites
    (`benchmarks.overview.seed`: labels, statuses, presence, trust rows, open alerts).
@@ -30,21 +39,26 @@
      bypasses the flusher, so the catalog's latest values are filled once from the raw rows of
      the last two steps (every series has a point in the last step).
    Use --hours 168 to give the 7-day figures a week of data.
-Prints load and rollup times and the table and index sizes (disk). Drops the scratch database at the end.
+Prints load and rollup times and the table and index sizes (disk). Drops the scratch database at the end
+(unless --keep), as `benchmarks.run` (make bench) uses it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
+import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import pct, result, row, scratch_database
+from benchmarks import pct, result, row, scratch_database, setup_django
 
 CHUNK = 1_000_000  # rows per COPY transaction
 WORKERS = 2  # parallel COPY / rollup connections (the machine has 2 cores)
@@ -341,8 +355,166 @@ def timed(fn, runs: int, warmup: int = 3) -> list[float]:
     return times
 
 
+META_TABLE = "bench_queries_meta"  # in a kept database: what was loaded, for --reuse
+
+
+@contextlib.contextmanager
+def kept_database(name: str) -> Iterator[None]:
+    """A fresh, migrated database `name` (an existing one of that name is dropped first) that is
+    left in place after the block, for `--reuse name`."""
+    setup_django()
+    from django.conf import settings
+    from django.db import connection
+
+    settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = name
+    print(f"[queries] database {name}: creating and migrating (kept afterwards) …", flush=True)
+    connection.creation.create_test_db(verbosity=0, autoclobber=True, keepdb=False)
+    try:
+        yield
+    finally:
+        connection.close()
+        print(f"[queries] database {name} kept: re-measure with --reuse {name}; drop it with DROP DATABASE {name}",
+              flush=True)
+
+
+@contextlib.contextmanager
+def reused_database(name: str) -> Iterator[None]:
+    """Point Django's default connection at the existing database `name` (loaded by --keep),
+    applying any migration added since the load. Left in place."""
+    setup_django()
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connection
+
+    connection.close()
+    settings.DATABASES["default"]["NAME"] = name
+    connection.settings_dict["NAME"] = name
+    try:
+        connection.ensure_connection()
+    except Exception as exc:
+        raise SystemExit(f"[queries] --reuse {name}: cannot connect ({exc}); load it first with --keep {name}") from exc
+    call_command("migrate", verbosity=1, interactive=False)  # a migration added since the load (e.g. an index)
+    try:
+        yield
+    finally:
+        connection.close()
+
+
+def save_meta(meta: dict) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE {META_TABLE} (data jsonb NOT NULL)")
+        cursor.execute(f"INSERT INTO {META_TABLE} VALUES (%s::jsonb)", [json.dumps(meta, default=str)])  # noqa: S608 -- constant table name
+
+
+def check_reused(name: str) -> dict:
+    """The load description saved by --keep, checked against the database in seconds: device,
+    metric and catalog rows counted exactly, raw and 1-minute rollup rows by the planner's
+    estimates (counting 50M rows would take longer than the measurements)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [META_TABLE])
+        if not cursor.fetchone()[0]:
+            raise SystemExit(f"[queries] --reuse {name}: no {META_TABLE} table; load it with --keep {name}")
+        cursor.execute(f"SELECT data FROM {META_TABLE}")  # noqa: S608 -- constant table name
+        meta = cursor.fetchone()[0]
+        if isinstance(meta, str):
+            meta = json.loads(meta)
+        cursor.execute("SELECT count(*) FROM fleet_device")
+        devices = cursor.fetchone()[0]
+        cursor.execute("SELECT count(*) FROM telemetry_devicemetric")
+        catalog = cursor.fetchone()[0]
+        cursor.execute("SELECT coalesce(sum(c.reltuples), 0)::bigint FROM pg_inherits i JOIN pg_class c "
+                       "ON c.oid = i.inhrelid WHERE i.inhparent = 'telemetry_point'::regclass")
+        raw = cursor.fetchone()[0]
+        cursor.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'telemetry_rollup_1m'::regclass")
+        m1 = cursor.fetchone()[0]
+    problems = []
+    if devices != meta["devices"]:
+        problems.append(f"{devices:,} devices, loaded {meta['devices']:,}")
+    if catalog != meta["devices"] * len(meta["metric_ids"]):
+        problems.append(f"{catalog:,} catalog rows, expected {meta['devices'] * len(meta['metric_ids']):,}")
+    if abs(raw - meta["rows"]) > 0.05 * meta["rows"]:
+        problems.append(f"~{raw:,} raw rows (estimate), loaded {meta['rows']:,}")
+    if abs(m1 - meta["rollup_1m_rows"]) > 0.05 * max(1, meta["rollup_1m_rows"]):
+        problems.append(f"~{m1:,} 1-minute rollup rows (estimate), built {meta['rollup_1m_rows']:,}")
+    if problems:
+        raise SystemExit(f"[queries] --reuse {name}: not the database that was loaded: {'; '.join(problems)}")
+    print(f"[queries] reusing {name}: {devices:,} devices, ~{raw:,} raw rows, ~{m1:,} 1-minute rollup rows, "
+          f"catalog {catalog:,} rows (loaded {meta['loaded_at']})", flush=True)
+    return meta
+
+
+def rebase_latest() -> dt.timedelta:
+    """On reuse, move the catalog's latest times forward by the time since the load (20,000 rows:
+    what the flusher would have kept current), so the fleet's latest values are inside
+    TELEMETRY_LATEST_WINDOW_S as in the run that loaded them."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now() - max(last_time) FROM telemetry_devicemetric")
+        shift = cursor.fetchone()[0]
+        cursor.execute("UPDATE telemetry_devicemetric SET last_time = last_time + %s", [shift])
+        cursor.execute("VACUUM ANALYZE telemetry_devicemetric")
+    return shift
+
+
 def run(*, rows: int = 50_000_000, devices: int = 10_000, metrics: int = 2, hours: float = 24.0,
-        runs: int = 50, workers: int = WORKERS) -> dict:
+        runs: int = 50, workers: int = WORKERS, keep: str | None = None, reuse: str | None = None) -> dict:
+    """Load and measure in a scratch database dropped at the end (the default); with `keep`, load
+    into database `keep` and leave it; with `reuse`, only measure over database `reuse` (loaded by
+    an earlier `keep` run; rows/devices/metrics/hours are then those of that load)."""
+    if keep and reuse:
+        raise SystemExit("--keep and --reuse exclude each other")
+    if reuse:
+        with reused_database(reuse):
+            meta = check_reused(reuse)
+            return measure(meta, runs=runs, reused=reuse)
+    with kept_database(keep) if keep else scratch_database("bench_queries"):
+        meta = load(rows=rows, devices=devices, metrics=metrics, hours=hours, workers=workers)
+        if keep:
+            save_meta(meta)
+        return measure(meta, runs=runs)
+
+
+def load(*, rows: int, devices: int, metrics: int, hours: float, workers: int) -> dict:
+    """Seed, load, roll up and fill the catalog; returns the description `measure` (and --reuse) needs."""
+    from django.utils import timezone
+
+    from benchmarks import overview
+    from fleet.models import Device
+    from telemetry.models import Metric
+
+    t0 = time.monotonic()
+    overview.seed(devices)
+    seed_s = time.monotonic() - t0
+    device_ids = list(Device.objects.order_by("id").values_list("id", flat=True))
+    metric_ids = [Metric.objects.create(name=f"bench.metric_{i}").id for i in range(metrics)]
+    end = timezone.now().replace(microsecond=0)
+    print(f"[queries] seeded {devices:,} devices in {seed_s:.1f}s; loading {rows:,} points …", flush=True)
+    loaded = generate(rows=rows, device_ids=device_ids, metric_ids=metric_ids, end=end, hours=hours, workers=workers)
+    print(f"[queries] COPY {loaded['rows']:,} rows in {loaded['copy_s']:.1f}s, indexes built in "
+          f"{loaded['index_s']:.1f}s, ANALYZE {loaded['analyze_s']:.1f}s; building rollups …", flush=True)
+    roll = backfill_rollups(loaded["start"], workers)
+    fill_latest(end, loaded["step_s"])
+    load_s = time.monotonic() - t0 - seed_s
+    disk = sizes()
+    print(f"[queries] rollups in {roll['rollup_s']:.1f}s ({roll}); load total {load_s:.1f}s; sizes {disk}", flush=True)
+    return {"rows": loaded["rows"], "devices": devices, "metric_ids": metric_ids, "hours": hours, "workers": workers,
+            "end": end.isoformat(), "step_s": loaded["step_s"], "loaded_at": timezone.now().isoformat(),
+            "seed_s": round(seed_s, 1), "copy_s": round(loaded["copy_s"], 1), "index_s": round(loaded["index_s"], 1),
+            "analyze_s": round(loaded["analyze_s"], 1), "rollup_s": round(roll["rollup_s"], 1),
+            "rollup_1m_s": round(roll["rollup_1m_s"], 1), "rollup_index_s": round(roll["rollup_index_s"], 1),
+            "rollup_1h_fleet_s": round(roll["rollup_1h_fleet_s"], 1), "rollup_tail_s": round(roll["rollup_tail_s"], 1),
+            "load_s": round(load_s, 1), **disk}
+
+
+def measure(meta: dict, *, runs: int, reused: str | None = None) -> dict:
+    """Time the reads (module docstring, step 4) over the loaded data. The charts end at the
+    measurement time in a fresh load; over a reused database they end where they ended after the
+    load (its end plus the load's duration), as the raw data does not move."""
     from django.test import Client
     from django.utils import timezone
 
@@ -352,72 +524,66 @@ def run(*, rows: int = 50_000_000, devices: int = 10_000, metrics: int = 2, hour
     from telemetry import selectors
     from telemetry.models import Metric
 
-    with scratch_database("bench_queries"):
-        t0 = time.monotonic()
-        overview.seed(devices)
-        seed_s = time.monotonic() - t0
-        device_ids = list(Device.objects.order_by("id").values_list("id", flat=True))
-        metric_ids = [Metric.objects.create(name=f"bench.metric_{i}").id for i in range(metrics)]
-        end = timezone.now().replace(microsecond=0)
-        print(f"[queries] seeded {devices:,} devices in {seed_s:.1f}s; loading {rows:,} points …", flush=True)
-        load = generate(rows=rows, device_ids=device_ids, metric_ids=metric_ids, end=end, hours=hours,
-                        workers=workers)
-        print(f"[queries] COPY {load['rows']:,} rows in {load['copy_s']:.1f}s, indexes built in "
-              f"{load['index_s']:.1f}s, ANALYZE {load['analyze_s']:.1f}s; building rollups …", flush=True)
-        roll = backfill_rollups(load["start"], workers)
-        fill_latest(end, load["step_s"])
-        load_s = time.monotonic() - t0 - seed_s
-        disk = sizes()
-        print(f"[queries] rollups in {roll['rollup_s']:.1f}s ({roll}); load total {load_s:.1f}s; sizes {disk}",
-              flush=True)
-
-        rng = random.Random(11)
-        metric = metric_ids[0]
+    device_ids = list(Device.objects.order_by("id").values_list("id", flat=True))
+    metric_ids = meta["metric_ids"]
+    if reused:
+        shift = rebase_latest()
+        now = dt.datetime.fromisoformat(meta["loaded_at"])
+        print(f"[queries] charts end at {now} (the load's end); catalog latest times moved by {shift}", flush=True)
+    else:
         now = timezone.now()
+    rng = random.Random(11)
+    metric = metric_ids[0]
+    metric_name = Metric.objects.get(id=metric).name
 
-        def chart():
-            d = rng.choice(device_ids)
-            out = selectors.series(device_ids=[d], metric_ids=[metric], start=now - dt.timedelta(hours=24), end=now,
-                                   bucket="1m")
-            assert out["resolution"].source == "1m"
-            return out
+    def chart():
+        d = rng.choice(device_ids)
+        out = selectors.series(device_ids=[d], metric_ids=[metric], start=now - dt.timedelta(hours=24), end=now,
+                               bucket="1m")
+        assert out["resolution"].source == "1m"
+        return out
 
-        points = sum(len(v) for v in chart()["series"].values())
-        chart_ms = timed(chart, runs)
-        latest_n = len(selectors.latest(metric_id=metric, device_ids=device_ids))
-        latest_ms = timed(lambda: selectors.latest(metric_id=metric, device_ids=device_ids), runs)
-        # No target: 24 h reads the per-device 1-minute rollups of the whole fleet (seconds at 50M rows).
-        agg_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=now - dt.timedelta(hours=24),
-                                                          end=now), min(runs, 3), warmup=0)
-        week = now - dt.timedelta(days=7)
-        week_site_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=week, end=now), runs)
-        week_tier_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="tier", start=week, end=now), runs)
-        week_before_ms = timed_without_fleet_rollup(
-            lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=week, end=now), min(runs, 10))
-        latest_before_ms = timed(lambda: latest_from_raw(metric, device_ids), min(runs, 10), warmup=1)
-        user, _, _ = operator_upsert(actor="bench", username="bench-admin", role="admin", password="x" * 16)
-        client = Client(HTTP_HOST="localhost")
-        client.force_login(user)
-        page_error = None
-        try:
-            page_ms, page_queries = overview.measure(client, "/", runs)
-        except Exception as exc:  # noqa: BLE001 -- the other figures stand; the failure is reported
-            page_ms, page_queries, page_error = [], "?", f"{exc.__class__.__name__}: {exc}"[:300]
-        # The HTTP path: GET /api/v1/telemetry/latest/ for the default selection (all devices, the
-        # first TELEMETRY_LATEST_MAX_DEVICES by uid), rendered as JSON.
-        api_url = "/api/v1/telemetry/latest/?metric=bench.metric_0"
-        api_n = len(client.get(api_url).json()["results"])
-        api_latest_ms = timed(lambda: client.get(api_url), runs)
+    points = sum(len(v) for v in chart()["series"].values())
+    chart_ms = timed(chart, runs)
+    latest_n = len(selectors.latest(metric_id=metric, device_ids=device_ids))
+    latest_ms = timed(lambda: selectors.latest(metric_id=metric, device_ids=device_ids), runs)
+    # No target: 24 h reads the per-device 1-minute rollups of the whole fleet (seconds at 50M rows).
+    agg_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=now - dt.timedelta(hours=24),
+                                                      end=now), min(runs, 3), warmup=0)
+    week = now - dt.timedelta(days=7)
+    week_site_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=week, end=now), runs)
+    week_tier_ms = timed(lambda: selectors.fleet_aggregate(metric_id=metric, by="tier", start=week, end=now), runs)
+    week_before_ms = timed_without_fleet_rollup(
+        lambda: selectors.fleet_aggregate(metric_id=metric, by="site", start=week, end=now), min(runs, 10))
+    latest_before_ms = timed(lambda: latest_from_raw(metric, device_ids, window_s=latest_raw_window(now)),
+                             min(runs, 10), warmup=1)
+    user, _, _ = operator_upsert(actor="bench", username=f"bench-admin-{os.getpid()}", role="admin",
+                                 password="x" * 16)
+    client = Client(HTTP_HOST="localhost")
+    client.force_login(user)
+    page_error = None
+    try:
+        page_ms, page_queries = overview.measure(client, "/", runs)
+    except Exception as exc:  # noqa: BLE001 -- the other figures stand; the failure is reported
+        page_ms, page_queries, page_error = [], "?", f"{exc.__class__.__name__}: {exc}"[:300]
+    # The HTTP path: GET /api/v1/telemetry/latest/ for the default selection (all devices, the
+    # first TELEMETRY_LATEST_MAX_DEVICES by uid), rendered as JSON.
+    api_url = f"/api/v1/telemetry/latest/?metric={metric_name}"
+    api_n = len(client.get(api_url).json()["results"])
+    api_latest_ms = timed(lambda: client.get(api_url), runs)
 
     def rows_for(label: str, times: list[float], target: float | None) -> list[dict]:
         p95 = pct(times, 0.95)
         return [row(f"{label} p50", pct(times, 0.5), "ms"),
                 row(f"{label} p95", p95, "ms", f"≤ {target:g} ms" if target else "", p95 <= target if target else None)]
 
-    full = load["rows"] >= 50_000_000 and devices >= 10_000
+    devices = meta["devices"]
+    full = meta["rows"] >= 50_000_000 and devices >= 10_000
+    copy_s = meta["copy_s"]
     out_rows = [
-        row("telemetry rows loaded", load["rows"], "", "50,000,000 (full run)", None if not full else True),
-        row("COPY load rate", load["rows"] / load["copy_s"], "rows/s"),
+        row("telemetry rows loaded" + (f" (reused database {reused})" if reused else ""), meta["rows"], "",
+            "50,000,000 (full run)", None if not full else True),
+        row("COPY load rate", meta["rows"] / copy_s if copy_s else None, "rows/s"),
         *rows_for(f"device chart 24 h at 1 min ({points} points)", chart_ms, 50),
         *rows_for(f"fleet overview page ({devices:,} devices, {page_queries} SQL queries)", page_ms, 200),
         *rows_for("fleet aggregate by site, 24 h", agg_ms, None),
@@ -428,13 +594,18 @@ def run(*, rows: int = 50_000_000, devices: int = 10_000, metrics: int = 2, hour
         *rows_for("latest values, one LATERAL probe per device on raw points (before)", latest_before_ms, None),
         *rows_for(f"latest values API, GET latest/ ({api_n:,} devices per request)", api_latest_ms, None),
     ]
-    return result("queries", out_rows, telemetry_rows=load["rows"], devices=devices, metrics=metrics, hours=hours, runs=runs,
-                  point_every_s=round(load["step_s"], 2), seed_s=round(seed_s, 1), copy_s=round(load["copy_s"], 1),
-                  index_s=round(load["index_s"], 1), analyze_s=round(load["analyze_s"], 1),
-                  rollup_s=round(roll["rollup_s"], 1), rollup_1m_s=round(roll["rollup_1m_s"], 1),
-                  rollup_index_s=round(roll["rollup_index_s"], 1), rollup_1h_fleet_s=round(roll["rollup_1h_fleet_s"], 1),
-                  rollup_tail_s=round(roll["rollup_tail_s"], 1), load_s=round(load_s, 1), workers=workers,
-                  overview_page_error=page_error, **disk)
+    details = {k: v for k, v in meta.items() if k not in ("metric_ids", "rows", "end", "loaded_at")}
+    return result("queries", out_rows, telemetry_rows=meta["rows"], metrics=len(metric_ids), runs=runs,
+                  point_every_s=round(meta["step_s"], 2), reused=reused, load_average=" ".join(
+                      f"{x:.2f}" for x in os.getloadavg()), overview_page_error=page_error, **details)
+
+
+def latest_raw_window(now: dt.datetime) -> int:
+    """The former latest-values read looked back 24 h from the server's now; over a reused
+    database the data ends earlier, so the window reaches back to 24 h before the charts' end."""
+    from django.utils import timezone
+
+    return int((timezone.now() - now).total_seconds()) + 86400
 
 
 def main() -> None:
@@ -445,13 +616,16 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--workers", type=int, default=WORKERS, help="parallel connections for the load")
+    parser.add_argument("--keep", metavar="NAME", help="load into database NAME and leave it in place (for --reuse)")
+    parser.add_argument("--reuse", metavar="NAME", help="measure over database NAME loaded by --keep, without loading "
+                        "(after a sanity check of its row counts); --rows/--devices/--metrics/--hours are ignored")
     args = parser.parse_args()
     from benchmarks import setup_django
     from benchmarks.run import print_results
 
     setup_django()
     print_results([run(rows=args.rows, devices=args.devices, metrics=args.metrics, hours=args.hours, runs=args.runs,
-                       workers=args.workers)])
+                       workers=args.workers, keep=args.keep, reuse=args.reuse)])
 
 
 if __name__ == "__main__":

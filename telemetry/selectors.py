@@ -38,6 +38,10 @@ _ROLLUP_AGG = {
     "avg": "sum(sum) / nullif(sum(count), 0)", "min": "min(min)", "max": "max(max)", "count": "sum(count)::float8",
     "last": "(max(ARRAY[extract(epoch FROM last_time)::float8, last]))[2]", "sum": "sum(sum)",
 }
+# One rollup row's value, when a bucket is exactly one rollup row (`_ROLLUP_AGG` over that row alone).
+_ROW_VALUE = {
+    "avg": "sum / nullif(count, 0)", "min": "min", "max": "max", "count": "count::float8", "last": "last", "sum": "sum",
+}
 _TO_ROLLUP_ROWS = (
     "count(*) AS count, sum(value) AS sum, min(value) AS min, max(value) AS max, "
     f"{_LAST_RAW} AS last, max(time) AS last_time"
@@ -121,35 +125,49 @@ def parse_bucket(bucket: str) -> int:
     return value * unit
 
 
-def _rollup_rows_sql(source: str, watermark: dt.datetime | None, start: dt.datetime, end: dt.datetime,
-                     params: dict) -> str:
+# The rollup watermark, read inside the chart's statement (one round trip fewer than reading it
+# first: under CPU contention every round trip waits for the server process to be scheduled).
+# Truncated to the minute so the rollup rows and the raw tail never share a minute (the product's
+# watermarks are whole minutes already). No row yet: ORIGIN, as `rollup_watermark`.
+_WATERMARK_SQL = ("date_trunc('minute', coalesce((SELECT watermark FROM telemetry_rollupstate WHERE name = 'rollup'), "
+                  "%(origin)s))")
+
+
+def _rollup_rows_sql(source: str, start: dt.datetime, end: dt.datetime, params: dict) -> str:
     """Rows shaped like a rollup table for [start, end): rollup rows before the watermark, plus
-    the raw tail after it aggregated per minute (for the requested devices only)."""
+    the raw tail after it aggregated per minute (for the requested devices only); each minute of
+    a series is one row (1-minute source). The watermark is read by the statement itself; the
+    raw tail starts at the latest of the watermark, `start` and `end - TELEMETRY_RAW_TAIL_MAX_S`
+    (the last two as constants, for partition pruning at planning)."""
     table = "telemetry_rollup_1m" if source == "1m" else "telemetry_rollup_1h"
     floor = start.replace(second=0, microsecond=0) if source == "1m" else start.replace(minute=0, second=0,
                                                                                       microsecond=0)
-    params.update(floor=floor, start=start, end=end)
-    if watermark is None:  # TimescaleDB: real-time continuous aggregates include the tail
+    params.update(floor=floor, start=start, end=end, origin=ORIGIN)
+    if storage.backend() != "postgres":  # TimescaleDB: real-time continuous aggregates include the tail
         return (f"SELECT bucket, device_id, metric_id, count, sum, min, max, last, last_time FROM {table} "  # noqa: S608 -- constant table name
                 "WHERE device_id = ANY(%(devices)s) AND metric_id = ANY(%(metrics)s) "
                 "AND bucket >= %(floor)s AND bucket < %(end)s")
-    params["watermark"] = watermark
-    params["tail_start"] = max(watermark, start, end - dt.timedelta(seconds=conf.get("RAW_TAIL_MAX_S")))
+    params["tail_floor"] = max(start, end - dt.timedelta(seconds=conf.get("RAW_TAIL_MAX_S")))
     return (
         f"SELECT bucket, device_id, metric_id, count, sum, min, max, last, last_time FROM {table} "  # noqa: S608 -- constant table name
         "WHERE device_id = ANY(%(devices)s) AND metric_id = ANY(%(metrics)s) "
-        "AND bucket >= %(floor)s AND bucket < %(end)s AND bucket < %(watermark)s "
+        f"AND bucket >= %(floor)s AND bucket < %(end)s AND bucket < {_WATERMARK_SQL} "
         "UNION ALL "
         f"SELECT date_trunc('minute', time) AS bucket, device_id, metric_id, {_TO_ROLLUP_ROWS} FROM telemetry_point "
         "WHERE device_id = ANY(%(devices)s) AND metric_id = ANY(%(metrics)s) "
-        "AND time >= %(tail_start)s AND time < %(end)s GROUP BY 1, 2, 3"
+        f"AND time >= %(tail_floor)s AND time >= {_WATERMARK_SQL} AND time < %(end)s GROUP BY 1, 2, 3"
     )
 
 
 def series(*, device_ids: list[int], metric_ids: list[int], start: dt.datetime, end: dt.datetime,
            agg: str = "avg", bucket: str = "auto", fleet: bool = False) -> dict[str, Any]:
     """Time series per (device, metric): {"resolution": Resolution, "series": {(d, m): [(time, value)]},
-    "truncated": bool}."""
+    "truncated": bool}.
+
+    One statement whatever the source (the rollup watermark is read inside it). At 1-minute
+    buckets over the 1-minute rollups (the device chart) each point is one rollup row, so nothing
+    is re-bucketed: at 50M raw rows that halved the server's CPU per 24 h chart (~4.7 → ~2.4 ms)
+    and, with the watermark query gone, the client's (~3.1 → ~1.9 ms)."""
     if len(device_ids) * len(metric_ids) > conf.get("MAX_SERIES_PER_REQUEST"):
         raise InvalidInput(f"{len(device_ids) * len(metric_ids)} series requested; at most "
                            f"{conf.get('MAX_SERIES_PER_REQUEST')} per request: narrow the devices or metrics")
@@ -168,9 +186,12 @@ def series(*, device_ids: list[int], metric_ids: list[int], start: dt.datetime, 
         sql = (f"SELECT device_id, metric_id, date_bin(%(step)s, time, %(origin)s) AS b, {_RAW_AGG[agg]} "  # noqa: S608 -- agg from a fixed table
                "FROM telemetry_point WHERE device_id = ANY(%(devices)s) AND metric_id = ANY(%(metrics)s) "
                "AND time >= %(start)s AND time < %(end)s GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+    elif res.source == "1m" and res.step_s == 60:  # the device chart: one rollup row per point, nothing to re-bucket
+        rows = _rollup_rows_sql(res.source, start, end, params)
+        sql = f"SELECT device_id, metric_id, bucket, {_ROW_VALUE[agg]} FROM ({rows}) AS r ORDER BY 1, 2, 3"  # noqa: S608 -- agg from a fixed table
     else:
         params["step"] = dt.timedelta(seconds=res.step_s)
-        rows = _rollup_rows_sql(res.source, rollup_watermark(), start, end, params)
+        rows = _rollup_rows_sql(res.source, start, end, params)
         sql = (f"SELECT device_id, metric_id, date_bin(%(step)s, bucket, %(origin)s) AS b, {_ROLLUP_AGG[agg]} "  # noqa: S608 -- agg from a fixed table
                f"FROM ({rows}) AS r GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
     with _binary_cursor() as cursor:  # up to 10,000 timestamps per series: decoded in C (see `latest`)
@@ -199,23 +220,36 @@ def latest(*, metric_id: int, device_ids: list[int], window_s: int | None = None
     compactly: a dense id set (as a fleet or a page of it: max - min < 2 × count) as its id range,
     the rows read (at most two per device asked for) filtered here; a sparse one as one text array
     literal joined on unnest (a hash join; `device_id = ANY(array)` alone spent ~30-100 ms planning
-    10,000 ids in per-element selectivity estimates)."""
+    10,000 ids in per-element selectivity estimates).
+
+    The rows come back as one row of three arrays (ids, times, values) rather than one row per
+    device: psycopg decodes each array in one C call and the dict is zipped from them, without
+    10,000 row tuples built and unpacked again (client CPU per call for 10,000 devices at 50M rows,
+    on a loaded machine: 11.4 → 7.4 ms; the server's grows by ~0.5 ms). The window's cutoff is
+    computed once (an InitPlan), not per row. A selection that is exactly its id range (a whole
+    fleet without gaps) needs no filtering here."""
     window_s = window_s or conf.get("LATEST_WINDOW_S")
     wanted = list(dict.fromkeys(device_ids))
     if not wanted:
         return {}
     lo, hi = min(wanted), max(wanted)
-    recent = "dm.metric_id = %s AND dm.last_time >= now() - %s * interval '1 second'"
+    columns = ("SELECT array_agg(dm.device_id), array_agg(dm.last_time), array_agg(dm.last_value) "
+               "FROM telemetry_devicemetric dm")
+    recent = "dm.metric_id = %s AND dm.last_time >= (SELECT now() - %s * interval '1 second')"
     with _binary_cursor() as cursor:
         if hi - lo < 2 * len(wanted):
-            cursor.execute("SELECT dm.device_id, dm.last_time, dm.last_value FROM telemetry_devicemetric dm "  # noqa: S608 -- constant fragment
-                           f"WHERE {recent} AND dm.device_id BETWEEN %s AND %s", [metric_id, window_s, lo, hi])
+            cursor.execute(f"{columns} WHERE {recent} AND dm.device_id BETWEEN %s AND %s", [metric_id, window_s, lo, hi])
+            ids, times, values = cursor.fetchone()
+            if ids is None:
+                return {}
+            if hi - lo + 1 == len(wanted):  # every id of the range was asked for
+                return dict(zip(ids, zip(times, values, strict=True), strict=True))
             keep = set(wanted)
-            return {device: (when, value) for device, when, value in cursor.fetchall() if device in keep}
-        cursor.execute("SELECT dm.device_id, dm.last_time, dm.last_value FROM telemetry_devicemetric dm "  # noqa: S608 -- constant fragment
-                       f"JOIN unnest(%s::text::bigint[]) AS d(id) ON d.id = dm.device_id WHERE {recent}",
+            return {device: tv for device, tv in zip(ids, zip(times, values, strict=True), strict=True) if device in keep}
+        cursor.execute(f"{columns} JOIN unnest(%s::text::bigint[]) AS d(id) ON d.id = dm.device_id WHERE {recent}",
                        ["{" + ",".join(map(str, wanted)) + "}", metric_id, window_s])
-        return {device: (when, value) for device, when, value in cursor.fetchall()}
+        ids, times, values = cursor.fetchone()
+        return {} if ids is None else dict(zip(ids, zip(times, values, strict=True), strict=True))
 
 
 def _binary_cursor() -> Any:
@@ -318,7 +352,7 @@ def wave_metric(*, device_ids: Iterable[int], metric: str, start: dt.datetime, e
     if found is None or not device_ids or end <= start:
         return WaveMetric(None, 0, 0)
     params: dict[str, Any] = {"devices": device_ids, "metrics": [found]}
-    rows = _rollup_rows_sql("1m", rollup_watermark(), start, end, params)
+    rows = _rollup_rows_sql("1m", start, end, params)
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {_ROLLUP_AGG[agg]}, sum(count), count(DISTINCT device_id) FROM ({rows}) AS r", params)  # noqa: S608 -- fixed fragments
         value, samples, devices = cursor.fetchone()
