@@ -707,19 +707,33 @@ class Flusher:
             await self._write_latest()
         except Exception as exc:  # noqa: BLE001 -- derived data; the next point repairs it
             log.warning("writing latest telemetry values at close failed: %r", exc)
-        conn, self._latest_conn = self._latest_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+        if self._io_loop is not None:
+            await self._on_io(self._close_latest_conn())
 
     async def _write_latest(self) -> None:
         """One UPDATE for every series that got newer points since the last write. Never moves a
         series backwards (the comparison is in the WHERE: late points and other processes' newer
         writes win over nothing). Rows are taken in (device, metric) order. On failure the values
-        go back into the pending set (unless newer ones arrived meanwhile)."""
+        go back into the pending set (unless newer ones arrived meanwhile).
+
+        The pending set is swapped here, on the serving loop; building the arrays and the round
+        trip run on the flush thread's loop (5,000 series every 2 s cost the serving loop
+        ~10 ms of encoding)."""
         if not self._latest:
             return
         pending, self._latest = self._latest, {}
+        try:
+            await self._on_io(self._write_latest_io(pending))
+        except BaseException:
+            for key, point in pending.items():
+                seen = self._latest.get(key)
+                if seen is None or point > seen:
+                    self._latest[key] = point
+            raise
+        self.stats["latest_writes"] += 1
+        self.stats["latest_rows"] += len(pending)
+
+    async def _write_latest_io(self, pending: dict[tuple[int, int], tuple[int, float]]) -> None:
         keys = sorted(pending)
         try:
             conn = self._latest_conn
@@ -740,17 +754,14 @@ class Flusher:
                 [[k[0] for k in keys], [k[1] for k in keys], [pending[k][0] for k in keys], [pending[k][1] for k in keys]],
             ), self.flush_timeout)
         except BaseException:
-            for key, point in pending.items():
-                seen = self._latest.get(key)
-                if seen is None or point > seen:
-                    self._latest[key] = point
-            conn, self._latest_conn = self._latest_conn, None
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+            await self._close_latest_conn()
             raise
-        self.stats["latest_writes"] += 1
-        self.stats["latest_rows"] += len(keys)
+
+    async def _close_latest_conn(self) -> None:
+        conn, self._latest_conn = self._latest_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2)
 
     async def _check_cardinality(self, cur: psycopg.AsyncCursor, advanced: set[int],
                                  runs: dict[int, list[_Frame]]) -> dict[int, set[int]]:
