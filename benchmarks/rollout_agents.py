@@ -1,13 +1,14 @@
 """Rollout benchmark over simulated agents: real WebSockets, real downloads, a real Celery worker and beat.
 
-    .venv/bin/python -m benchmarks.rollout_agents [--devices 10000] [--clients 4] [--quick]
+    .venv/bin/python -m benchmarks.rollout_agents [--devices 10000] [--clients 4] [--quick] [--web-processes 2]
                                                   [--rate 60000] [--soak 3] [--step 0.05] [--timeout 1800]
 
 What runs (all loopback, all real):
 - a scratch PostgreSQL database (created, migrated, dropped) with N active devices and their
   preauthorized Ed25519 keys, bulk-inserted (`benchmarks.connections.provision`);
-- one console server (uvicorn, `tests.harness.ConsoleServer`, persistent DB connections): the
-  agent WebSocket and the artifact download endpoint;
+- one console server (uvicorn, `tests.harness.ConsoleServer`, a DB connection pool), or with
+  --web-processes N, N of them sharing one listening port (the deploy layout, docs/deploy.md; the
+  kernel hands each connection to one of them): the agent WebSocket and the artifact downloads;
 - a Celery worker (`celery -A console worker --concurrency 2`, as scripts/run.sh, started through a
   thin wrapper that only records each task's CPU and wall time from Celery's task_prerun/postrun
   signals into a JSON-lines file) and Celery beat (the project's schedule: the orchestrator
@@ -24,8 +25,10 @@ seconds, a success-ratio gate (≥ 0.95) per wave; --fail-fraction of the device
 rate limit is --rate offers/min (default 60,000: 12× the target, so it does not cap the
 measurement; the product's own caps are one step's batch, ROLLOUTS_OFFER_BATCH = 500, and a step
 per campaign at most once a second from device kicks plus the 5 s tick), max_concurrent = N.
-Figures: offers/min counted from the offer frames the agents received (client time stamps),
-overall (start → last offer) and the best 10-s window (×6), and over the last wave alone; time
+Figures: offers/min counted from the offer frames the agents received (client time stamps, the
+first offer per device), overall (start → last offer), the best 10-s window (×6), per whole
+minute, and over the last wave alone; beside them the orchestrator's own figure, from the
+executions' `offered_at` in the database (per minute, and the last wave from its start); time
 from `campaign_start` to the campaign read back `completed`; orchestrator CPU per tick (the
 worker's `rollouts.tasks.tick` CPU from the signals, and the whole worker's CPU over the campaign
 divided by the ticks it ran, which includes the event-driven steps).
@@ -38,6 +41,10 @@ decided (reports ordered by the time they were sent); the pause is the first tim
 polling the database every 0.1 s, reads the campaign `paused`. Target: ≤ 10 s.
 
 Bounded in time; stops the server, the worker, beat and the clients; drops the scratch database.
+On SIGTERM each client process first writes what its agents saw to a file in the work directory,
+then aborts its sockets at once (no close handshake awaited per socket), so the figures survive
+a server that is still busy; a client that wrote nothing is named in the output
+(`clients_reported` counts those that did).
 
 Cost: --quick (300 agents, 2 client processes) takes ~2–4 min on 2 cores. The full run (10,000
 agents, 4 client processes) holds 10,000 sockets (the file limit is raised), needs roughly 1 GB of
@@ -102,8 +109,9 @@ async def _fetch(url: str, sem: asyncio.Semaphore) -> tuple[int, bytes]:
     return status, body
 
 
-async def agents_main(url: str, first: int, count: int, fails_path: str, step_s: float, ramp_s: float) -> None:
-    """Hold `count` agents; follow every offer to its end; on SIGTERM print what was seen as JSON."""
+async def agents_main(url: str, first: int, count: int, fails_path: str, step_s: float, ramp_s: float,
+                      out_path: str) -> None:
+    """Hold `count` agents; follow every offer to its end; on SIGTERM write what was seen as JSON to `out_path`."""
     import websockets
 
     from agent_stub import protocol as p
@@ -259,11 +267,20 @@ async def agents_main(url: str, first: int, count: int, fails_path: str, step_s:
         await asyncio.sleep(0.2)
     print(json.dumps({"ready": stats["welcomed"], "failed": stats["failed"]}), flush=True)
     await stop.wait()
+    # The result first, then the sockets. Closing thousands of sockets one close handshake at a
+    # time (each waiting for a busy server's answer) outlasted the parent's patience at 10,000
+    # agents and the statistics were lost with the killed process: write them to a file (renamed
+    # into place, so the parent reads all or nothing), then drop every connection at once
+    # (TCP abort: the server sees them go, no handshake awaited) and leave.
+    tmp = Path(out_path + ".tmp")
+    tmp.write_text(json.dumps({"final": stats, "offers": offers, "finals": finals, "cpu_s": cpu_seconds()}))
+    tmp.rename(out_path)
+    print(json.dumps({"written": out_path}), flush=True)
     for ws in sockets:
         with contextlib.suppress(Exception):
-            await ws.close()
-    await asyncio.wait(tasks, timeout=10)
-    print(json.dumps({"final": stats, "offers": offers, "finals": finals, "cpu_s": cpu_seconds()}), flush=True)
+            ws.transport.abort()
+    sys.stdout.flush()
+    os._exit(0)  # no teardown of thousands of tasks: the result is on disk
 
 
 # --- Celery worker wrapper (records per-task CPU; the worker itself is Celery's) --------------------
@@ -379,6 +396,38 @@ def _rate_figures(times: list[float], t0: float) -> tuple[float, float]:
     return (len(times) / span * 60 if span > 0 else float("nan")), max(buckets.values()) * 6.0
 
 
+def _stop_agents(agents: list[subprocess.Popen], work: Path, timeout: float = 120) -> list[dict]:
+    """SIGTERM every client process at once; each writes its result to `work/agents-K.json`
+    before it drops its sockets. Returns the results read back (a client that wrote none is
+    reported, and its figures are missing, never silently zero)."""
+    for proc in agents:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    finals = []
+    for k, proc in enumerate(agents):
+        try:
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        path = work / f"agents-{k}.json"
+        try:
+            finals.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            print(f"[rollout_agents] client {k} (pid {proc.pid}, exit {proc.returncode}) wrote no result: {exc!r}",
+                  flush=True)
+    return finals
+
+
+def _per_minute(times: list[float], t0: float) -> list[int]:
+    """Counts per whole minute since t0 (minute 0 first)."""
+    counts: dict[int, int] = {}
+    for t in times:
+        counts[int((t - t0) // 60)] = counts.get(int((t - t0) // 60), 0) + 1
+    return [counts.get(k, 0) for k in range(max(counts) + 1)] if counts else []
+
+
 def _stats_ms(values: list[float]) -> dict:
     if not values:
         return {}
@@ -389,18 +438,18 @@ def _stats_ms(values: list[float]) -> dict:
 def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: int = 3, step: float = 0.05,
         artifact_kb: int = 4, fail_wave: int = 3, fail_fraction: float = 0.02, gate_fail_fraction: float = 0.3,
         gate_max_pct: float = 10.0, gate_min_sample: int = 20, timeout: float = 1800.0, gate_timeout: float = 180.0,
-        ramp: float | None = None) -> dict:
+        ramp: float | None = None, web_processes: int = 1) -> dict:
     """Both scenarios; returns the runner's rows (see benchmarks/__init__.py)."""
     from django.conf import settings
     from django.core.files.base import ContentFile
     from django.db import connection
 
-    from benchmarks.connections import _raise_nofile, _stop_clients, _wait_ready, provision
+    from benchmarks.connections import _raise_nofile, _wait_ready, provision
     from console.celery import app as celery_app
     from fleet.models import Device
     from rollouts import services
     from rollouts.models import Campaign, Execution
-    from tests.harness import ConsoleServer, database_url_for
+    from tests.harness import ConsoleServer, database_url_for, shared_listener
 
     _raise_nofile(devices + 2000)
     ramp = max(2.0, devices / 200) if ramp is None else ramp  # ~200 handshakes/s offered
@@ -408,9 +457,11 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
     settings.MEDIA_ROOT = str(work / "media")
     task_log = work / "tasks.jsonl"
     print(f"[rollout_agents] logs and artifacts in {work} (removed after a successful run)", flush=True)
-    server = worker = beat = None
+    server = worker = beat = listener = None
+    servers: list = []
     agents: list[subprocess.Popen] = []
     out: dict = {}
+    db_offers: list = []
     with scratch_database("bench_ragents") as settings_dict:
         try:
             t_prov = time.monotonic()
@@ -443,11 +494,20 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
 
             env_db = {"DATABASE_URL": database_url_for(settings_dict), "DB_CONN_MAX_AGE": "60",
                       "MEDIA_ROOT": settings.MEDIA_ROOT, "LOG_LEVEL": "WARNING"}
-            server = ConsoleServer(settings_dict, extra_env=env_db, log_dir=work)
-            # Download URLs point at this server, whoever builds them (the worker's steps, the
+            # One server, or N uvicorn processes sharing one listening port (the deploy layout,
+            # docs/deploy.md): the kernel hands each new connection to one of them.
+            listener = shared_listener() if web_processes > 1 else None
+            servers = [ConsoleServer(settings_dict, extra_env=env_db, log_dir=work, sock=listener)
+                       for _ in range(web_processes)]
+            server = servers[0]
+            # Download URLs point at this port, whoever builds them (the worker's steps, the
             # server's offers re-sent on connect).
-            env_db["ROLLOUTS_DOWNLOAD_BASE_URL"] = server.env["ROLLOUTS_DOWNLOAD_BASE_URL"] = server.http_url
-            server.start(60)
+            env_db["ROLLOUTS_DOWNLOAD_BASE_URL"] = server.http_url
+            for each in servers:
+                each.env["ROLLOUTS_DOWNLOAD_BASE_URL"] = server.http_url
+                each.launch()
+            for each in servers:
+                each.wait_ready(60)
             env = {**os.environ, **env_db, "BENCH_TASK_LOG": str(task_log)}
 
             share = [devices // clients + (1 if k < devices % clients else 0) for k in range(clients)]
@@ -457,7 +517,7 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
                 agents.append(subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.rollout_agents", "--agents", "--url", server.ws_url,
                      "--first", str(first), "--count", str(n), "--fails", str(work / "fails.json"),
-                     "--step", str(step), "--ramp", str(ramp)],
+                     "--step", str(step), "--ramp", str(ramp), "--out", str(work / f"agents-{len(agents)}.json")],
                     cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent))
                 first += n
             ready, failed = _wait_ready(agents, ramp + 320)
@@ -478,14 +538,17 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
             time.sleep(6)  # a tick or two with no campaign running: the idle baseline
 
             # --- scenario 1 -----------------------------------------------------------------
-            cpu_w0, cpu_s0 = tree_cpu_seconds(worker.pid), cpu_seconds(server.pid)
+            cpu_w0, cpu_s0 = tree_cpu_seconds(worker.pid), sum(cpu_seconds(each.pid) for each in servers)
             t_start = time.time()
             services.campaign_start(actor="bench", campaign=c1, reason="benchmark")
             state1, t_done, waves_seen = _poll_campaign(c1.id, ("completed", "paused", "aborted"), timeout, 0.25)
-            cpu_w1, cpu_s1 = tree_cpu_seconds(worker.pid), cpu_seconds(server.pid)
+            cpu_w1, cpu_s1 = tree_cpu_seconds(worker.pid), sum(cpu_seconds(each.pid) for each in servers)
             counts1 = dict(Execution.objects.filter(campaign=c1).values_list("state").annotate(
                 n=__import__("django.db.models", fromlist=["Count"]).Count("id")).order_by())
             reason1 = Campaign.objects.get(pk=c1.pk).state_reason
+            # The orchestrator's side: when each execution was (last) offered, from the database.
+            db_offers = [(o.timestamp(), w) for o, w in Execution.objects.filter(campaign=c1, offered_at__isnull=False)
+                         .values_list("offered_at", "wave")]
             print(f"[rollout_agents] scenario 1: {state1} after {t_done - t_start:.1f}s; {counts1}", flush=True)
 
             # --- scenario 2 -----------------------------------------------------------------
@@ -499,17 +562,19 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
                 time.sleep(3)  # let in-flight finals of the first wave land
             reason2 = Campaign.objects.get(pk=c2.pk).state_reason
             connection.close()
-            server_alive = server.proc.poll() is None
-            finals = _stop_clients(agents)
+            server_alive = all(each.proc.poll() is None for each in servers)
+            finals = _stop_agents(agents, work)
             agents = []
         finally:
             if agents:
-                _stop_clients(agents)
+                _stop_agents(agents, work)
             for proc in (beat, worker):
                 if proc is not None:
                     _stop_child(proc, grace=15)
-            if server is not None:
-                server.stop()
+            for each in servers:
+                each.stop()
+            if listener is not None:
+                listener.close()
 
     # --- figures ---------------------------------------------------------------------------------
     stats = {k: sum(f["final"][k] for f in finals) for k in
@@ -531,6 +596,23 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
     for t in o1:
         per_s[int(t - t_start)] = per_s.get(int(t - t_start), 0) + 1
     offer_timeline = [per_s.get(k, 0) for k in range(max(per_s) + 1)] if per_s else []
+    agents_per_min = _per_minute(o1, t_start)
+    db_per_min = _per_minute([t for t, _w in db_offers], t_start)
+    # From the moment the parent saw the last wave start (polled every 0.25 s) to its last offer:
+    # the orchestrator may offer a whole wave in one step (one `offered_at`), so a span between
+    # its first and last offers can be zero.
+    t_wave3 = next((t for t, _s, w in waves_seen if w == 2), None)
+    db_last = [t for t, w in db_offers if w == 2]
+
+    def wave_span(times: list[float]) -> float:
+        """Seconds from the last wave's start (as polled, or its first offer if earlier) to its last offer."""
+        return max(times) - min(t_wave3 if t_wave3 is not None else min(times), min(times)) if times else 0.0
+
+    def since_wave_start(times: list[float]) -> float:
+        span = wave_span(times)
+        return len(times) / span * 60 if span >= 1 else float("nan")  # a whole wave in one step: see the span
+
+    db_last_wave_rate, agents_last_wave_rate = since_wave_start(db_last), since_wave_start(last_wave)
     tasks = []
     with contextlib.suppress(OSError):
         tasks = [json.loads(line) for line in task_log.read_text().splitlines() if line.strip()]
@@ -552,11 +634,15 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
     complete_s = t_done - t_start
     tick_cpu = [t["cpu"] for t in ticks]
     out.update(
-        devices=devices, clients=clients, rate_limit_per_min=rate, offer_batch=services.conf.get("OFFER_BATCH"),
+        devices=devices, clients=clients, web_processes=web_processes, clients_reported=len(finals),
+        rate_limit_per_min=rate, offer_batch=services.conf.get("OFFER_BATCH"),
         soak_s=soak, step_s=step, artifact_kb=artifact_kb, connect_s=round(connect_s, 1), online_before_start=online,
         executions=counts1, state_reason=reason1, waves_seen=[[round(t - t_start, 2), s, w] for t, s, w in waves_seen],
         agents=stats, errors=errors, offers_campaign1=len(o1), final_reports=len(reports),
-        offers_per_second_from_start=offer_timeline,
+        offers_per_second_from_start=offer_timeline, offers_per_minute_agents=agents_per_min,
+        offers_per_minute_orchestrator=db_per_min, offers_campaign1_db=len(db_offers),
+        last_wave_offers=len(last_wave), last_wave_span_s_agents=round(wave_span(last_wave), 2),
+        last_wave_span_s_orchestrator=round(wave_span(db_last), 2),
         tick_cpu_ms=_stats_ms(tick_cpu), tick_wall_ms=_stats_ms([t["wall"] for t in ticks]),
         idle_tick_cpu_ms=_stats_ms([t["cpu"] for t in idle_ticks]),
         step_cpu_ms=_stats_ms([t["cpu"] for t in steps]), step_wall_ms=_stats_ms([t["wall"] for t in steps]),
@@ -576,7 +662,11 @@ def run(*, devices: int = 10_000, clients: int = 4, rate: int = 60_000, soak: in
         row(f"offers/min overall (rate limit {rate:,}/min)", overall, "offers/min", "≥ 5,000/min",
             None if overall != overall else overall >= 5000),
         row("offers/min, best 10-s window", peak, "offers/min", "≥ 5,000/min", None if peak != peak else peak >= 5000),
-        row("offers/min, last wave", last_wave_rate, "offers/min"),
+        row("offers/min, last wave (agents: first offer per device)", last_wave_rate, "offers/min"),
+        row("offers/min, last wave from its start (agents / orchestrator's offered_at)",
+            f"{agents_last_wave_rate:,.0f} / {db_last_wave_rate:,.0f}", "offers/min"),
+        row("offers/min, best whole minute (agents / orchestrator)",
+            f"{max(agents_per_min, default=0):,} / {max(db_per_min, default=0):,}", "offers/min"),
         row(f"orchestrator tick CPU (mean of {len(ticks)} ticks)", 1000 * sum(tick_cpu) / n_ticks if ticks else None,
             "ms"),
         row("orchestrator tick CPU p95 / max", f"{out['tick_cpu_ms'].get('p95', '–')} / "
@@ -605,6 +695,7 @@ def main() -> None:
     parser.add_argument("--gate-max-pct", type=float, default=10.0)
     parser.add_argument("--gate-min-sample", type=int, default=20)
     parser.add_argument("--timeout", type=float, help="scenario 1 bound, seconds (default 1800)")
+    parser.add_argument("--web-processes", type=int, help="uvicorn processes sharing the port (default 1)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--agents", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--celery", action="store_true", help=argparse.SUPPRESS)
@@ -612,16 +703,17 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--fails", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--ramp", type=float, default=None, help="seconds to spread the connects over")
     if "--celery" in sys.argv[1:2]:
         celery_main(sys.argv[2:])
         return
     args = parser.parse_args()
     if args.agents:
-        asyncio.run(agents_main(args.url, args.first, args.count, args.fails, args.step, args.ramp or 0.0))
+        asyncio.run(agents_main(args.url, args.first, args.count, args.fails, args.step, args.ramp or 0.0, args.out))
         return
     params = dict(QUICK) if args.quick else {}
-    for name in ("devices", "clients", "soak", "timeout", "ramp"):
+    for name in ("devices", "clients", "soak", "timeout", "ramp", "web_processes"):
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)
     params.update(rate=args.rate, step=args.step, artifact_kb=args.artifact_kb, fail_wave=args.fail_wave,

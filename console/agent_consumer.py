@@ -748,7 +748,13 @@ APPLY = {
 
 
 def apply_durable(device_id: int, seq: int, kind: str, payload: Any) -> str | tuple:
-    """Apply one non-telemetry durable frame and advance the cursor in one transaction."""
+    """Apply one non-telemetry durable frame and advance the cursor in one transaction.
+
+    Most `rollout.status` frames (a phase forward) take one statement that does both
+    (`rollouts.services.execution_progress`); the rest fall through to the general path."""
+    if kind == "rollout.status" and rollouts_services.execution_progress(
+            device_id=device_id, report=payload, cursor_from=seq - 1, cursor_to=seq):
+        return "stored"
     try:
         with transaction.atomic():
             if not fleet_services.cursor_advance(device_id=device_id, from_seq=seq - 1, to_seq=seq):

@@ -881,13 +881,88 @@ def execution_report(*, device_id: int, report: p.RolloutStatus) -> None:
         return
     state = changes.get("state", current)
     if state == S.COMMITTED:
-        fleet_services.device_report_state(device_id=device_id, installed={execution.component:
-                                                                           execution.target_version},
-                                           capabilities={})
+        _record_installed(device_id, execution.component, execution.target_version)
         if campaign.state == CS.ABORTED:
             _revert_late_commit(campaign, device_id)
     if state != current and (state in DEVICE_FINAL or state in (S.DOWNLOADED, S.PENDING)):
         _kick_after_commit(campaign.id)
+
+
+# Reports the fast path applies: forward moves whose only effect is the row's state, progress
+# and phase deadline (`_deadline_for`, in SQL), plus the kick after `downloaded`. `downloaded`
+# only in a campaign without a maintenance window (the deadline then waits for no window).
+# Final outcomes, same-phase progress and everything unusual take `execution_report`.
+_FAST_DEADLINE = {S.ACKED: "c.download_timeout_s", S.DOWNLOADING: "c.download_timeout_s",
+                  S.DOWNLOADED: "c.install_timeout_s",
+                  S.INSTALLING: "c.install_timeout_s + c.online_timeout_s",
+                  S.VERIFYING: "c.install_timeout_s + c.online_timeout_s"}
+
+_PROGRESS_SQL = """
+WITH cur AS (
+    UPDATE fleet_uplinkcursor SET last_acked_seq = %(to)s
+    WHERE device_id = %(device)s AND last_acked_seq = %(from)s
+      AND EXISTS (SELECT 1 FROM rollouts_execution e JOIN rollouts_campaign c ON c.id = e.campaign_id
+                  WHERE e.id = %(execution)s AND e.device_id = %(device)s AND e.state = ANY(%(before)s) {only})
+    RETURNING device_id
+), moved AS (
+    UPDATE rollouts_execution e SET state = %(state)s, progress = %(progress)s,
+        deadline_at = %(now)s + ({deadline}) * interval '1 second',
+        delivered_at = coalesce(e.delivered_at, %(now)s), updated_at = %(now)s
+    FROM rollouts_campaign c
+    WHERE c.id = e.campaign_id AND e.id = %(execution)s AND e.device_id = %(device)s AND e.state = ANY(%(before)s)
+      {only} AND EXISTS (SELECT 1 FROM cur)
+    RETURNING e.campaign_id
+)
+SELECT (SELECT count(*) FROM cur), (SELECT max(campaign_id) FROM moved)
+"""
+
+
+def execution_progress(*, device_id: int, report: p.RolloutStatus, cursor_from: int, cursor_to: int) -> bool:
+    """The common report of a rollout — `acked`, `downloading`, `downloaded` (no maintenance
+    window), `installing`, `verifying`, phases forward — applied together with the device's
+    uplink cursor advance in ONE statement (autocommit: atomic by itself; no BEGIN, locking
+    read, UPDATE and COMMIT round trips).
+
+    True: the frame is stored (cursor advanced; the execution moved, or — if another writer
+    (timeout, abort, quarantine) took it out of the live phases in between — the report is
+    ignored, exactly as `execution_report` ignores a progress report of a non-live execution).
+    False: nothing was written; the caller applies the frame the general way (a duplicate or
+    conflicting seq, another state, an unknown execution, a same-phase progress update)."""
+    deadline = _FAST_DEADLINE.get(report.state)
+    if deadline is None or connection.in_atomic_block:
+        return False
+    try:
+        execution_id = int(report.execution_id)
+    except (TypeError, ValueError):
+        return False
+    if not 0 < execution_id < 2**63:
+        return False  # no such row; the general path refuses it
+    before = [state for state in LIVE if RANK[state] < RANK[report.state]]
+    with connection.cursor() as cursor:
+        only = "AND c.window_cron = ''" if report.state == S.DOWNLOADED else ""
+        cursor.execute(_PROGRESS_SQL.format(deadline=deadline, only=only), {
+            "to": cursor_to, "from": cursor_from, "device": device_id, "execution": execution_id,
+            "before": before, "state": report.state, "progress": report.progress, "now": timezone.now()})
+        advanced, moved_in = cursor.fetchone()
+    if advanced and moved_in is None:
+        log.info("%s for execution %s ignored: it left the live phases meanwhile", report.state, execution_id)
+    elif moved_in is not None and report.state == S.DOWNLOADED:
+        from rollouts import orchestrator
+
+        orchestrator.kick(moved_in)  # committed already (one statement, autocommit): its wave may move on
+    return bool(advanced)
+
+
+def _record_installed(device_id: int, component: str, version: str) -> None:
+    """The device now runs `version` of `component` (it committed): one UPDATE in the report's
+    transaction. (The generic `fleet.services.device_report_state` reads and locks the row,
+    validates every field and rewrites all of them: a sixth of the server's time per status
+    frame in a 2,000-device rollout, for a value checked when the artifact was created.)"""
+    fleet_services.clean_versions({component: version}, what="installed")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE fleet_device SET installed_versions = installed_versions || jsonb_build_object(%s::text, %s::text),"
+            " updated_at = %s WHERE id = %s", [component, version, timezone.now(), device_id])
 
 
 # --- device quarantine --------------------------------------------------------------------

@@ -7,7 +7,9 @@ the signed, expiring token in the URL (the agent has no API token)."""
 from __future__ import annotations
 
 from django.core import signing as dj_signing
-from django.http import FileResponse, HttpRequest, JsonResponse
+from django.db import connection
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_GET
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
@@ -195,6 +197,21 @@ def _refuse(code: int, slug: str, detail: str) -> JsonResponse:
 
 DOWNLOADABLE = (Execution.State.OFFERED, Execution.State.ACKED, Execution.State.DOWNLOADING,
                 Execution.State.DOWNLOADED)
+# Artifacts up to this size are read in the view and sent as one body. Under ASGI a FileResponse
+# is a sync iterator that Django consumes in a second trip through a worker thread (with a
+# warning each time); a campaign makes every device download once, so that hop is per device.
+# Bigger files stream in blocks as before (memory stays bounded).
+WHOLE_BODY_MAX_BYTES = 1024 * 1024
+
+
+def _release_pooled_connection() -> None:
+    """Hand a pooled database connection back as soon as the checks are done. Django returns it
+    at the end of the request, after the body is sent: with a campaign's devices downloading at
+    once (a new thread each under ASGI), the downloads held the pool's connections while their
+    bytes went out and the agents' status reports queued behind them for a connection.
+    (Only with a pool: a persistent connection, DB_CONN_MAX_AGE, is kept as it is.)"""
+    if connection.settings_dict.get("OPTIONS", {}).get("pool") and not connection.in_atomic_block:
+        connection.close()
 
 
 @require_GET
@@ -217,8 +234,16 @@ def download(request: HttpRequest, token: str) -> FileResponse | JsonResponse:
         # still deliver the artifact: quarantined devices receive no updates.
         return _refuse(403, "not_allowed", f"the device is {execution.device.status}; it may not download updates")
     variant = execution.variant
-    response = FileResponse(variant.file.open("rb"), as_attachment=True,
-                            filename=variant.file.name.rsplit("/", 1)[-1], content_type="application/octet-stream")
+    _release_pooled_connection()
+    filename = variant.file.name.rsplit("/", 1)[-1]
+    if variant.size <= WHOLE_BODY_MAX_BYTES:
+        with variant.file.open("rb") as f:
+            body = f.read(WHOLE_BODY_MAX_BYTES + 1)
+        response = HttpResponse(body, content_type="application/octet-stream")
+        response["Content-Disposition"] = content_disposition_header(True, filename)
+    else:
+        response = FileResponse(variant.file.open("rb"), as_attachment=True, filename=filename,
+                                content_type="application/octet-stream")
     response["X-Content-SHA256"] = variant.sha256
     response["Cache-Control"] = "private, no-store"
     return response

@@ -80,14 +80,34 @@ def test_the_download_url_serves_its_execution_file_to_an_anonymous_agent(pushed
     (_, frame), _ = pushed
     response = Client().get(_path(frame["artifact"]["url"]))
     assert response.status_code == 200
-    assert b"".join(response.streaming_content) == b"the model bytes"
+    assert response.getvalue() == b"the model bytes"
     assert response["X-Content-SHA256"] == frame["artifact"]["sha256"]
+    assert response["Content-Disposition"].startswith("attachment; filename=")
     # Bound to its execution: once that execution is past downloading, the link is gone.
     execution = Execution.objects.get(pk=frame["execution_id"])
     succeed(execution)
     gone = Client().get(_path(frame["artifact"]["url"]))
     assert gone.status_code == 410 and gone.json()["code"] == "gone"
     assert campaign.pk
+
+
+def test_a_small_artifact_is_sent_in_one_body_and_a_large_one_streams_the_same_bytes(
+        pushed, django_capture_on_commit_callbacks, monkeypatch):
+    from rollouts.api import views
+
+    make_fleet(2)
+    make_campaign(make_artifact(content=b"0123456789" * 10))
+    with django_capture_on_commit_callbacks(execute=True):
+        tick()
+    (_, frame), _ = pushed
+    url = _path(frame["artifact"]["url"])
+    whole = Client().get(url)
+    assert not whole.streaming and whole.content == b"0123456789" * 10
+    monkeypatch.setattr(views, "WHOLE_BODY_MAX_BYTES", 99)  # one byte under the artifact's size
+    streamed = Client().get(url)
+    assert streamed.streaming and b"".join(streamed.streaming_content) == b"0123456789" * 10
+    assert streamed["Content-Disposition"] == whole["Content-Disposition"]
+    assert streamed["X-Content-SHA256"] == whole["X-Content-SHA256"] == frame["artifact"]["sha256"]
 
 
 def test_a_tampered_or_expired_download_link_is_refused(settings):
