@@ -45,10 +45,10 @@ from agent_stub.sensors import METRICS, WINDOW, SensorStream, seed_for
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
-# WebSocket keepalive: a ping a minute finds a dead link within ~90 s (the server pings at the same
-# pace, and the app-level heartbeat every 30 s carries status). The library's 20 s default tripled
-# the frames an idle fleet costs the server (at 10,000 agents: 1,000 pings and pongs per second).
-PING_INTERVAL_S, PING_TIMEOUT_S = 60, 30
+# WebSocket keepalive: a ping every 2 minutes finds a dead server within ~150 s. The server does not
+# ping (the heartbeats tell it the agent is alive; docs/protocol.md "Keepalive") but answers these:
+# at 10,000 agents a ping a minute was 1.5 % of a core of the 10 % budget (docs/deploy.md, sizing).
+PING_INTERVAL_S, PING_TIMEOUT_S = 120, 30
 PACKAGE_DIR = Path(__file__).resolve().parent
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.json"
@@ -389,6 +389,7 @@ class Agent:
         self._points: list[list[Any]] = []
         self._last_flush = time.monotonic()
         self._in_anomaly = False
+        self.server_heartbeat_s: float | None = None  # announced in the last welcome
         self.heartbeat_s = float(self.config.heartbeat_s or 30)
         self.max_points = P.MAX_POINTS
         self.on_frame: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None  # test hook
@@ -700,8 +701,8 @@ class Agent:
             self.enrolled = True
             self._save_state({"device_uid": self.device_uid, "enrolled": True})
             log.info("%s: enrolled", self.device_uid)
-        if self.config.heartbeat_s is None:
-            self.heartbeat_s = float(welcome["heartbeat_s"])
+        self.server_heartbeat_s = float(welcome["heartbeat_s"])
+        self.heartbeat_s = self._effective_heartbeat_s()
         self.max_points = welcome["max_points"]
         if isinstance(self.ota, ManagedOta):
             self.ota.trust(welcome.get("artifact_keys") or [])
@@ -803,6 +804,14 @@ class Agent:
                 if epoch != self._epoch or not self._active:
                     break
                 await ws.send(frame.text)
+
+    def _effective_heartbeat_s(self) -> float:
+        """The configured interval (set_config), never longer than the server's: the server closes
+        a connection that sends nothing for 3 of its intervals (docs/protocol.md, Keepalive)."""
+        configured, announced = self.config.heartbeat_s, self.server_heartbeat_s
+        if configured is None:
+            return announced or 30.0
+        return min(configured, announced) if announced else configured
 
     async def _heartbeats(self, ws: ClientConnection) -> None:
         while True:
@@ -975,8 +984,7 @@ class Agent:
                 return
             if self.config.log_level:
                 logging.getLogger("agent_stub").setLevel(self.config.log_level)
-            if self.config.heartbeat_s is not None:
-                self.heartbeat_s = self.config.heartbeat_s
+            self.heartbeat_s = self._effective_heartbeat_s()
             self._save_config()
             self._result(command_id, True, f"applied: {summary}")
         else:

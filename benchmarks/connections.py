@@ -8,8 +8,9 @@ one real console (uvicorn, `tests.harness.ConsoleServer`, persistent DB connecti
 `--clients` client processes. Each client opens its share of raw WebSocket connections doing
 the real handshake (`hello` → `auth` signed over the nonce → `welcome`), then only sends an
 app-level `heartbeat` every --heartbeat seconds (plus the WebSocket library's pings, as the real
-agent). Measures, on the server process: memory growth per connection ((after − before) / added
-connections, RSS and USS) from a warm baseline, and its CPU over a --hold second window.
+agent; the server sends none, see docs/protocol.md "Keepalive"). Measures, on the server
+process: memory growth per connection ((after − before) / added connections, RSS and USS) from
+a warm baseline, and its CPU over a --hold second window (also per connection and per heartbeat).
 Loopback only; bounded; stops the server and the clients and drops the scratch database.
 """
 
@@ -297,6 +298,10 @@ def run(*, connections: int = 10_000, clients: int = 4, hold: float = 60.0, hear
         row("server USS per connection", per_uss / 1024, "KB", "≤ 40 KB", per_uss / 1024 <= 40),
         row("server RSS total", after["rss"] / 2**20, "MB"),
         row("server CPU while holding", cpu_pct, "% of a core", "< 10 %", cpu_pct < 10),
+        # Everything the server spent while holding, over the heartbeats it received in the window.
+        row("server CPU while holding per connection", 1e6 * server_cpu / window / max(1, held), "µs/s"),
+        row("server CPU while holding per heartbeat received", 1e6 * server_cpu / max(1, held * window / heartbeat),
+            "µs"),
         row("connect ramp", connect_s, "s"),
         row("handshakes completed per second during the ramp", ready / connect_s, "/s"),
         row("server CPU during the ramp per completed handshake (sheds and retries included)",

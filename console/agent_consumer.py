@@ -32,13 +32,12 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.utils import await_many_dispatch
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, DataError, connections, transaction
 
 from agent_stub import protocol as p
-from console.presence import presence
+from console.presence import presence, silence
 from fleet import push
 from fleet import services as fleet_services
 from fleet.errors import DomainError
@@ -179,19 +178,34 @@ class AgentConsumer(AsyncWebsocketConsumer):
     # --- plumbing -----------------------------------------------------------------------
 
     async def __call__(self, scope, receive, send) -> None:
-        # Same as Channels' AsyncConsumer.__call__ but the channel layer is optional at run
-        # time: if Redis is down the connection keeps working without doorbells.
+        # Channels' AsyncConsumer.__call__, with two changes. The channel layer is optional at
+        # run time: if Redis is down the connection keeps working without doorbells. And the
+        # two sources are not multiplexed with Channels' `await_many_dispatch`, which makes a
+        # task and an `asyncio.wait` for every message (per heartbeat frame, 10,000 agents):
+        # this task reads the WebSocket itself, a second task reads the layer, and a lock keeps
+        # one handler running at a time, as before (handlers never interleave; each source's
+        # messages are handled in their order).
         self.scope = scope
         from channels.layers import get_channel_layer
 
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel() if self.channel_layer else None
         self.base_send = send
-        sources = [receive]
+        self.turn = asyncio.Lock()
+        self.layer_failure: BaseException | None = None
+        pump = None
         if self.channel_layer is not None:
-            sources.append(self._layer_receive)
+            pump = asyncio.get_running_loop().create_task(self._layer_pump(asyncio.current_task()))
         try:
-            await await_many_dispatch(sources, self.dispatch)
+            try:
+                while True:
+                    message = await receive()
+                    async with self.turn:
+                        await self.dispatch(message)
+            except asyncio.CancelledError:
+                if self.layer_failure is None:
+                    raise
+                raise self.layer_failure from None  # a layer message's handler failed: end as Channels did
         except StopConsumer:
             pass
         except OSError:
@@ -200,10 +214,28 @@ class AgentConsumer(AsyncWebsocketConsumer):
             log.exception("agent connection failed")
             raise
         finally:
+            if pump is not None:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
             # A connection that ends without a `websocket.disconnect` (e.g. the device left
             # while we were mid-send) must still be cleaned up: presence, group membership.
             if not getattr(self, "cleaned_up", True):
                 await asyncio.shield(self.disconnect(1006))
+
+    async def _layer_pump(self, main: asyncio.Task) -> None:
+        """Handle channel-layer messages (doorbells, replace, revoke) in their order, each in its
+        turn with the WebSocket's frames. If a handler fails, the connection ends with that error."""
+        try:
+            while True:
+                message = await self._layer_receive()
+                async with self.turn:
+                    await self.dispatch(message)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 -- handed to the connection's task, which raises it
+            self.layer_failure = exc
+            main.cancel()
 
     async def _layer_receive(self) -> dict:
         missed = False
@@ -269,6 +301,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.accept()
         await self.send_frame(p.hello(nonce=self.nonce, server_time=now_ms()))
         self.handshake_timer = asyncio.get_running_loop().create_task(self._handshake_deadline())
+        silence().watch(self)  # every frame resets `self.quiet`; see `silent`
+
+    async def silent(self) -> None:
+        """No frame for several heartbeat intervals: the device is gone or stuck (console/presence.py)."""
+        await self.close_with(p.Close.GOING_AWAY, p.error(code="silent", message="no frame for "
+                                                          f"{silence().rounds} heartbeat intervals"))
 
     async def _handshake_deadline(self) -> None:
         await asyncio.sleep(settings.AGENT_HANDSHAKE_TIMEOUT_S)
@@ -281,6 +319,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         self.cleaned_up = True
         self.closed = True
+        silence().forget(self)
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
         if self.acker:
@@ -305,6 +344,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     # --- inbound frames -----------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        self.quiet = 0  # heard from (the silence watch)
         if self.closed:
             return
         data = text_data if text_data is not None else bytes_data

@@ -267,7 +267,12 @@ def presence_mark_seen(*, device_ids: Iterable[int], at: datetime | None = None)
     ids = list(device_ids)
     if not ids:
         return 0
-    return Device.objects.filter(pk__in=ids).update(online=True, last_seen=at or timezone.now())
+    # `= ANY(array)`: one parameter, not one per device (an ORM `pk__in` of a few thousand ids
+    # spent more CPU compiling the query than the web process spent on the heartbeats themselves).
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE fleet_device SET online = true, last_seen = %s WHERE id = ANY(%s)",
+                       [at or timezone.now(), ids])
+        return cursor.rowcount
 
 
 @transaction.atomic

@@ -48,8 +48,8 @@ start() {
 
 echo "$PORT" > "$RUN/web.port"
 start web env DB_POOL_MAX_SIZE="${DB_POOL_MAX_SIZE:-20}" .venv/bin/uvicorn console.asgi:application --host "$HOST" --port "$PORT" \
-  --ws websockets-sansio --ws-per-message-deflate false --ws-max-size 1048576 --ws-ping-interval 60 \
-  --ws-ping-timeout 30 --lifespan off --no-access-log --log-level warning
+  --ws websockets-sansio --ws-per-message-deflate false --ws-max-size 1048576 --ws-ping-interval 0 \
+  --lifespan off --no-access-log --log-level warning
 start worker .venv/bin/celery -A console worker --loglevel INFO --concurrency 2
 start beat .venv/bin/celery -A console beat --loglevel INFO --schedule "$RUN/celerybeat-schedule"
 

@@ -102,7 +102,7 @@ class ConsoleServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "console.asgi:application", *bind, "--ws", "websockets-sansio",
              "--ws-per-message-deflate", "false", "--lifespan", "off", "--no-access-log",
-             "--ws-max-size", str(1024 * 1024), "--ws-ping-interval", "60", "--ws-ping-timeout", "30",
+             "--ws-max-size", str(1024 * 1024), "--ws-ping-interval", "0",
              "--timeout-graceful-shutdown", "3"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
             pass_fds=pass_fds,

@@ -348,3 +348,26 @@ def test_sigterm_stops_the_cli_agent_cleanly_with_close_1000(tmp_path: Path) -> 
                 (tmp_path / "dev" / "outbox.sqlite-wal").stat().st_size == 0  # checkpointed
 
     run(scenario)
+
+
+def test_a_configured_heartbeat_longer_than_the_servers_is_capped_at_the_servers(tmp_path: Path) -> None:
+    # The server closes connections silent for 3 of its heartbeat intervals (1 s here), so an
+    # operator's set_config of a slow heartbeat must not make the agent look dead.
+    async def scenario() -> tuple[float, float, int]:
+        async with running() as server:
+            agent = fast_agent(server, tmp_path / "dev")
+            uid = agent.device_uid
+            task = asyncio.create_task(agent.run())
+            await server.wait_for(lambda: uid in server.connections)
+            await server.send(uid, P.command(1, "set_config", {"heartbeat_s": 600}))
+            await server.wait_for(lambda: agent.config.heartbeat_s == 600)
+            before = len(server.frames("heartbeat", uid))
+            await asyncio.sleep(2.5)
+            after = len(server.frames("heartbeat", uid))
+            agent.stop()
+            await task
+            return agent.config.heartbeat_s, agent.heartbeat_s, after - before
+
+    configured, effective, sent = run(scenario)
+    assert (configured, effective) == (600, 1.0)
+    assert sent >= 2
