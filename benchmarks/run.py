@@ -44,7 +44,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # name: (module, full parameters, --quick parameters, time limit in seconds full / quick)
 BENCHMARKS: dict[str, tuple[str, dict, dict, tuple[int, int]]] = {
     "ingest": ("benchmarks.ingest_lean",
-               {"devices": 1000, "rate": 100, "batch": 500, "clients": 2, "seconds": 60, "warmup": 15},
+               {"devices": 1000, "rate": 105, "batch": 500, "clients": 2, "seconds": 60, "warmup": 15},
                {"devices": 40, "rate": 20, "batch": 100, "clients": 1, "seconds": 5, "warmup": 3, "copy_rows": 20_000},
                (900, 240)),
     "ingest_stubs": ("benchmarks.ingest_e2e",
