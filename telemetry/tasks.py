@@ -15,7 +15,9 @@ from telemetry import conf, rollups, storage
 @shared_task(name="telemetry.tasks.ensure_partitions", ignore_result=True)
 def ensure_partitions() -> list[str]:
     """Keep TELEMETRY_PARTITION_DAYS_AHEAD daily partitions ready (plain PostgreSQL backend)."""
-    return storage.ensure_partitions(days_ahead=conf.get("PARTITION_DAYS_AHEAD"))
+    created = storage.ensure_partitions(days_ahead=conf.get("PARTITION_DAYS_AHEAD"))
+    storage.vacuum_closed_partitions()  # once per partition, after its day (telemetry/storage.py)
+    return created
 
 
 @shared_task(name="telemetry.tasks.refresh_rollups", ignore_result=True)

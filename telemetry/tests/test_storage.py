@@ -84,3 +84,23 @@ def test_telemetry_status_prints_backend_partitions_and_watermark():
     assert "backend: postgres" in text
     assert "partitions:" in text and "telemetry_point_p" in text
     assert "rollup watermark:" in text
+
+
+@pytest.mark.django_db(transaction=True)  # VACUUM cannot run inside a transaction
+def test_day_partitions_skip_insert_vacuum_and_each_is_vacuumed_once_after_its_day():
+    from django.db import connection
+
+    today = storage.utc_today()
+    yesterday, current = (storage.partition_name(today - dt.timedelta(days=1)), storage.partition_name(today))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s)", [[yesterday, current]])
+        options = dict(cursor.fetchall())
+    assert options == {name: ["autovacuum_vacuum_insert_threshold=-1"] for name in (yesterday, current)}
+
+    first = storage.vacuum_closed_partitions(today=today)
+    again = storage.vacuum_closed_partitions(today=today)
+    assert yesterday in first and current not in first  # today's partition is still being written
+    assert yesterday not in again
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT last_vacuum IS NOT NULL FROM pg_stat_all_tables WHERE relname = %s", [yesterday])
+        assert cursor.fetchone() == (True,)
