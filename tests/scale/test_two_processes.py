@@ -139,14 +139,15 @@ def test_a_command_issued_through_process_b_reaches_an_agent_connected_to_proces
 class Worker:
     """A real Celery worker on the test database, consuming a queue of its own."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, *, extra_env: dict | None = None) -> None:
         self.queue = f"scale-{uuid.uuid4().hex[:8]}"
         self.log_path = log_path
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "console", "worker", "--pool", "solo", "-Q", self.queue,
                  "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"],
-                cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                cwd=ROOT, env={**child_env(), **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
             )
 
     def log(self) -> str:
