@@ -24,7 +24,11 @@ app.conf["CELERY_DB_REUSE_MAX"] = 2**31
 
 @signals.task_prerun.connect
 @signals.task_postrun.connect
-def _recycle_db_connections(**_: object) -> None:
+def _recycle_db_connections(task: object = None, **_: object) -> None:
+    # Not for a task run eagerly inside the caller's process (tests, CELERY_TASK_ALWAYS_EAGER): its
+    # connection is the caller's, maybe in the middle of a transaction (as the fixup skips them).
+    if getattr(getattr(task, "request", None), "is_eager", False):
+        return
     close_old_connections()
 
 
