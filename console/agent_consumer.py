@@ -598,16 +598,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """Hand the frame to the flusher; returns the future of its outcome. When the queue is
         full this waits (TELEMETRY_QUEUE_WAIT_MS) for room without reading the socket, so the
         device is slowed down by TCP; only then is it shed with 4503 (by the ack loop)."""
-        from telemetry.ingest import Overloaded, get_flusher
+        from telemetry.ingest import FlushFailed, Overloaded, get_flusher
 
         try:
             future = await get_flusher().enqueue(device_id=self.session.device_id, seq=seq, points=points,
                                                  wait_s=telemetry_conf.get("QUEUE_WAIT_MS") / 1000)
             # Shielded: if this connection goes away, the frame is still written, its outcome dropped.
             return asyncio.shield(future)
-        except Overloaded as exc:
-            # The ack loop sheds the device when it reaches this frame: after the acks of the
-            # frames before it, which are stored.
+        except (Overloaded, FlushFailed) as exc:
+            # The ack loop sheds the device when it reaches this frame (4503, `rate_limited` for a
+            # full queue, `unavailable` while the database is down): after the acks of the frames
+            # before it, which are stored.
             refused = asyncio.get_running_loop().create_future()
             refused.set_exception(exc)
             return refused
