@@ -55,7 +55,10 @@ def clean_versions(versions: Any, *, what: str) -> dict[str, str]:
 
 
 def _locked(device: Device) -> Device:
-    return Device.objects.select_for_update().get(pk=device.pk)
+    # FOR NO KEY UPDATE, not FOR UPDATE: rows inserted elsewhere that reference the device (their
+    # deferred foreign-key checks take KEY SHARE at COMMIT, after the audit seal's lock) must not
+    # wait for this lock, or two audited transactions deadlock (security/audit.py).
+    return Device.objects.select_for_update(no_key=True).get(pk=device.pk)
 
 
 @transaction.atomic
@@ -253,7 +256,7 @@ def device_unpin(*, actor: Any, device: Device, component: str) -> Device:
 @transaction.atomic
 def device_report_state(*, device_id: int, installed: dict, capabilities: dict) -> None:
     """Apply an agent's `state` frame: installed versions and capabilities (tier recomputed)."""
-    device = Device.objects.select_for_update().get(pk=device_id)
+    device = Device.objects.select_for_update(no_key=True).get(pk=device_id)
     # Components this console does not manage are ignored (forward compatibility).
     known = {k: v for k, v in installed.items() if k in COMPONENTS}
     device.installed_versions = {**device.installed_versions, **clean_versions(known, what="installed")}

@@ -295,7 +295,7 @@ def evidence_appraise(*, device_id: int, evidence: p.AttestEvidence) -> Attestat
                      .filter(id=_uuid(evidence.challenge_id), device_id=device_id).first())
         if challenge is None or (challenge.answered_at is None and challenge.expires_at <= timezone.now()):
             return None
-        device = Device.objects.select_for_update().get(pk=device_id)
+        device = Device.objects.select_for_update(no_key=True).get(pk=device_id)
         trust, _ = DeviceTrust.objects.select_for_update().get_or_create(device=device)
         policy = policy_for(device)
         if challenge.answered_at is not None:
