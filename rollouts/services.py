@@ -803,16 +803,25 @@ def pending_offers(*, device_id: int) -> list[dict]:
 
 # --- device reports ---------------------------------------------------------------------
 
+# A live phase's deadline: the campaign's timeouts (fields) summed, from when the phase began (for
+# `downloaded`, from when the maintenance window lets the install start). One table for both
+# `_deadline_for` and the one-statement path of `execution_progress`.
+_PHASE_TIMEOUTS = {
+    S.ACKED: ("download_timeout_s",), S.DOWNLOADING: ("download_timeout_s",),
+    S.DOWNLOADED: ("install_timeout_s",),
+    S.INSTALLING: ("install_timeout_s", "online_timeout_s"), S.VERIFYING: ("install_timeout_s", "online_timeout_s"),
+}
+
+
 def _deadline_for(state: str, campaign: Campaign, now: dt.datetime) -> dt.datetime | None:
-    if state in (S.ACKED, S.DOWNLOADING):
-        return now + dt.timedelta(seconds=campaign.download_timeout_s)
+    fields = _PHASE_TIMEOUTS.get(state)
+    if fields is None:
+        return None
+    start = now
     if state == S.DOWNLOADED:
         window = current_window(campaign, now)
         start = max(now, window[1]) if window else now
-        return start + dt.timedelta(seconds=campaign.install_timeout_s)
-    if state in (S.INSTALLING, S.VERIFYING):
-        return now + dt.timedelta(seconds=campaign.install_timeout_s + campaign.online_timeout_s)
-    return None
+    return start + dt.timedelta(seconds=sum(getattr(campaign, name) for name in fields))
 
 
 def _retry_at(campaign: Campaign, attempt: int, now: dt.datetime) -> dt.datetime:
@@ -889,14 +898,9 @@ def execution_report(*, device_id: int, report: p.RolloutStatus) -> None:
 
 
 # Reports the fast path applies: forward moves whose only effect is the row's state, progress
-# and phase deadline (`_deadline_for`, in SQL), plus the kick after `downloaded`. `downloaded`
+# and phase deadline (`_PHASE_TIMEOUTS`, summed in SQL), plus the kick after `downloaded`. `downloaded`
 # only in a campaign without a maintenance window (the deadline then waits for no window).
 # Final outcomes, same-phase progress and everything unusual take `execution_report`.
-_FAST_DEADLINE = {S.ACKED: "c.download_timeout_s", S.DOWNLOADING: "c.download_timeout_s",
-                  S.DOWNLOADED: "c.install_timeout_s",
-                  S.INSTALLING: "c.install_timeout_s + c.online_timeout_s",
-                  S.VERIFYING: "c.install_timeout_s + c.online_timeout_s"}
-
 _PROGRESS_SQL = """
 WITH cur AS (
     UPDATE fleet_uplinkcursor SET last_acked_seq = %(to)s
@@ -928,8 +932,8 @@ def execution_progress(*, device_id: int, report: p.RolloutStatus, cursor_from: 
     ignored, exactly as `execution_report` ignores a progress report of a non-live execution).
     False: nothing was written; the caller applies the frame the general way (a duplicate or
     conflicting seq, another state, an unknown execution, a same-phase progress update)."""
-    deadline = _FAST_DEADLINE.get(report.state)
-    if deadline is None or connection.in_atomic_block:
+    fields = _PHASE_TIMEOUTS.get(report.state)
+    if fields is None or connection.in_atomic_block:
         return False
     try:
         execution_id = int(report.execution_id)
@@ -940,6 +944,7 @@ def execution_progress(*, device_id: int, report: p.RolloutStatus, cursor_from: 
     before = [state for state in LIVE if RANK[state] < RANK[report.state]]
     with connection.cursor() as cursor:
         only = "AND c.window_cron = ''" if report.state == S.DOWNLOADED else ""
+        deadline = " + ".join(f"c.{name}" for name in fields)
         cursor.execute(_PROGRESS_SQL.format(deadline=deadline, only=only), {
             "to": cursor_to, "from": cursor_from, "device": device_id, "execution": execution_id,
             "before": before, "state": report.state, "progress": report.progress, "now": timezone.now()})
