@@ -6,8 +6,13 @@ constraint trigger (`security_audit_seal`, migration 0004) seals it when the sur
 COMMITs: it takes a transaction-scoped advisory lock, reads the last sealed entry and sets
 `chain_seq` = last + 1, `prev_hash` = last.hash (GENESIS for the first) and
 `hash` = SHA-256(prev_hash + content_hash). Deferred triggers run after every statement of the
-transaction, so the audit lock is always the LAST lock a transaction takes: a service may lock rows
-and audit in any order without a lock-order cycle against another audited transaction.
+transaction, so the audit lock comes after every lock the service's own statements take: a service
+may lock rows and audit in any order. It is not always the very last lock, though: deferred
+foreign-key checks queued after the audit row (rows inserted after `record_entry`) run after the
+seal and take KEY SHARE on the rows they reference. So a service that locks a row other audited
+transactions may reference, and then audits, locks it FOR NO KEY UPDATE (which KEY SHARE does not
+wait for), not FOR UPDATE: otherwise it can hold that row while waiting for the audit lock, held
+by a transaction whose foreign-key check waits for the row (`fleet.services._locked`).
 
 `verify_chain` walks the entries by `chain_seq`, recomputes both hashes and names the first entry
 that was edited, removed or reordered.
