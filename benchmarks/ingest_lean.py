@@ -52,21 +52,15 @@ async def client_main(url: str, first: int, count: int, rate: float, batch: int,
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
     period = batch / rate
-    # The same text as json.dumps(separators=(",", ":")), ~10x cheaper: the load generator shares
-    # the server's two cores, and encoding 105 frames of 500 points a second with the stdlib cost
-    # it ~10 % of a core that the server and PostgreSQL then did not have.
-    try:
-        import orjson
+    # orjson (in the console's lock): the same text as json.dumps(separators=(",", ":")), ~10x
+    # cheaper. The load generator shares the server's two cores, and encoding 105 frames of 500
+    # points a second with the stdlib cost it ~10 % of a core the server and PostgreSQL lacked.
+    import orjson
 
-        def dumps(obj: object) -> str:
-            return orjson.dumps(obj).decode()
+    def dumps(obj: object) -> str:
+        return orjson.dumps(obj).decode()
 
-        loads = orjson.loads
-    except ImportError:  # pragma: no cover -- orjson is in the console's lock
-        def dumps(obj: object) -> str:
-            return json.dumps(obj, separators=(",", ":"))
-
-        loads = json.loads
+    loads = orjson.loads
     stats = {"welcomed": 0, "failed": 0, "closed": 0, "frames": 0, "deferred": 0, "acked_points": 0,
              "errors": []}
     # Why connections ended: "<close code> <error code of the server's last error frame>" -> count.

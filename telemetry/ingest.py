@@ -117,7 +117,7 @@ class _Frame:
     # The submitted points; None once the frame is packed at admission (`_pack_on_admission`).
     points: list[tuple[int, str, float]] | None
     future: asyncio.Future
-    size: int = 0  # points submitted: what the queue bound counts
+    size: int = field(init=False)  # points submitted: what the queue bound counts
     rejected: dict[int, str] = field(default_factory=dict)
     payload: bytes = b""
     rows: int = 0
@@ -129,8 +129,7 @@ class _Frame:
     mids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.points is not None and not self.size:
-            self.size = len(self.points)
+        self.size = len(self.points)
 
 
 def connection_kwargs(settings_dict: dict) -> dict:
@@ -618,17 +617,16 @@ class Flusher:
         if self._encode_fast(frame):
             frame.points = None
 
-    def _refuse_packed(self, frame: _Frame, metric_ids: set[int]) -> bool:
+    def _refuse_packed(self, frame: _Frame, metric_ids: set[int]) -> None:
         """Reject a packed frame's points of `metric_ids` (cardinality cap) and repack the rest."""
         refused = np.isin(frame.mids, np.fromiter(metric_ids, np.int16, len(metric_ids)))
         if not refused.any():
-            return False
+            return
         for i in np.flatnonzero(refused).tolist():
             frame.rejected[i] = REASON_CARDINALITY
         keep = ~refused
         v = np.frombuffer(frame.payload, _ROW_DTYPE)["v"][keep].astype(np.float64)
         self._pack_columns(frame, frame.times[keep], frame.mids[keep], v)
-        return True
 
     async def _flush_once(self, batch: list[_Frame], slot: int, locked: asyncio.Future,
                           settings_dict: dict) -> list[tuple[_Frame, IngestResult]]:
